@@ -1,0 +1,42 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.edgefleet-installed
+
+.PHONY: demo test install mosquitto lint bench clean
+
+demo: $(STAMP)
+	$(BIN)/edgefleet demo
+
+test: $(STAMP) mosquitto
+	$(BIN)/pytest -q
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[all]'
+	touch $(STAMP)
+
+# The test suite starts its own Mosquitto processes; install the binary if it is missing.
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then exit 0; fi; \
+	echo "mosquitto not found: installing it with apt-get"; \
+	SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	if command -v apt-get >/dev/null 2>&1 && $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto; then \
+		command -v systemctl >/dev/null 2>&1 && $$SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true; \
+	else \
+		echo "error: could not install mosquitto; install it (apt-get install mosquitto, brew install mosquitto) and rerun"; \
+		exit 1; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/transfer.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

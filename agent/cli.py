@@ -1,0 +1,73 @@
+"""``edgefleet-agent``: run an edge agent."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from agent.config import AgentConfig, ApiConfig, BrokerConfig, TrustConfig, render_config
+from shared.errors import EdgefleetError
+
+app = typer.Typer(
+    help="The edgefleet agent: receives signed model bundles over MQTT and serves them locally.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Agent config file (TOML).")],
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Run the agent until SIGTERM or SIGINT."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = AgentConfig.load(config)
+    except EdgefleetError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    from agent.service import Agent  # imported late: `--help` should not pay for runtimes
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    Agent(cfg).run_until(stop)
+
+
+@app.command("init-config")
+def init_config(
+    path: Annotated[Path, typer.Argument(help="Where to write the config.")],
+    device_id: Annotated[str, typer.Option(help="This device's id.")],
+    data_dir: Annotated[str, typer.Option(help="Where the agent keeps state and models.")] = "./agent-data",
+    broker_host: Annotated[str, typer.Option()] = "127.0.0.1",
+    broker_port: Annotated[int, typer.Option()] = 1883,
+    api_port: Annotated[int, typer.Option(help="Local inference API port (127.0.0.1).")] = 8701,
+    publisher_key: Annotated[
+        list[str] | None, typer.Option(help="Trusted publisher public key (hex); repeatable.")
+    ] = None,
+    online_key: Annotated[
+        list[str] | None, typer.Option(help="Trusted control-plane online key (hex); repeatable.")
+    ] = None,
+) -> None:
+    """Write an agent config file."""
+    cfg = AgentConfig.from_dict({"device_id": device_id, "data_dir": data_dir}, base_dir=path.parent)
+    cfg = replace(
+        cfg,
+        broker=BrokerConfig(host=broker_host, port=broker_port),
+        trust=TrustConfig(publisher_keys=tuple(publisher_key or ()), online_keys=tuple(online_key or ())),
+        api=ApiConfig(port=api_port),
+    )
+    path.write_text(render_config(cfg))
+    typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

@@ -1,0 +1,135 @@
+"""The agent process: wires the state store, models, MQTT link, reconciler and local API.
+
+Start order matters: active models are loaded from disk and the local API comes up *before* the
+broker is reached, so a device keeps serving through a control-plane or network outage.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import uvicorn
+
+from agent.config import AgentConfig
+from agent.inference_api import create_inference_app
+from agent.model_host import ModelHost
+from agent.mqtt_link import MqttLink
+from agent.reconciler import Reconciler
+from agent.state_store import StateStore
+from agent.transfer import ChunkFetcher
+from shared.chunks import ChunkRequest
+from shared.errors import NotFoundError
+from shared.topics import Leaf
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    """One edge agent. Use :meth:`start` / :meth:`stop`, or :meth:`run_until` from the CLI."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = StateStore(config.data_dir)
+        self.host = ModelHost()
+        self.link = MqttLink(config.device_id, config.broker, self._on_message, on_connected=self._on_connected)
+        self.fetcher = ChunkFetcher(config.data_dir / "downloads", config.transfer, self._request_chunks)
+        self.reconciler = Reconciler(config, self.store, self.host, self.fetcher, self._publish)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._api_server: uvicorn.Server | None = None
+
+    # -- in-process API for applications that embed the agent ---------------------------------
+
+    def predict(
+        self, model: str, inputs: Mapping[str, np.ndarray], version: str | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run a serving model in-process (no HTTP); raises NotFoundError or InferenceError."""
+        loaded = self.host.get(model, version)
+        if loaded is None:
+            raise NotFoundError(
+                f"model {model!r} is not being served" + (f" at version {version!r}" if version else "")
+            )
+        return loaded.predict(inputs)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover, load active models, open the local API, then connect and reconcile."""
+        self.reconciler.recover()
+        self.reconciler.load_active()
+        if self.config.api.enabled:
+            self._start_api()
+        self.link.start()
+        self._spawn("reconciler", self.reconciler.run, self._stop)
+        self._spawn("heartbeat", self._heartbeat)
+
+    def stop(self) -> None:
+        """Stop threads, say goodbye to the broker, close the API and unload models."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self.link.stop()
+        if self._api_server is not None:
+            self._api_server.should_exit = True
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.host.close_all()
+
+    def run_until(self, stop: threading.Event) -> None:
+        """Run until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT)."""
+        self.start()
+        try:
+            stop.wait()
+        finally:
+            self.stop()
+
+    def _spawn(self, name: str, target: object, *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name=f"agent-{name}", daemon=True)  # type: ignore[arg-type]
+        thread.start()
+        self._threads.append(thread)
+
+    def _start_api(self) -> None:
+        app = create_inference_app(self.host, max_request_bytes=self.config.api.max_request_bytes)
+        config = uvicorn.Config(
+            app,
+            host=self.config.api.host,
+            port=self.config.api.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+        self._api_server = uvicorn.Server(config)
+        self._spawn("api", self._api_server.run)
+        deadline = time.monotonic() + 10
+        while not self._api_server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self._api_server.started:
+            raise RuntimeError(f"local API did not start on {self.config.api.host}:{self.config.api.port}")
+        log.info("local inference API on http://%s:%d/v2", self.config.api.host, self.config.api.port)
+
+    # -- MQTT plumbing -------------------------------------------------------------------------
+
+    def _on_message(self, leaf: Leaf, payload: bytes) -> None:
+        if leaf is Leaf.DESIRED:
+            self.reconciler.offer_desired(payload)
+        elif leaf is Leaf.CHUNK_DATA:
+            self.fetcher.on_message(payload)
+
+    def _on_connected(self) -> None:
+        self.reconciler.publish_reported()
+
+    def _publish(self, leaf: Leaf, payload: bytes, retain: bool) -> object:
+        return self.link.publish(leaf, payload, retain=retain)
+
+    def _request_chunks(self, request: ChunkRequest) -> None:
+        self.link.publish(Leaf.CHUNK_REQUEST, request.encode())
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.config.heartbeat_interval_s):
+            if self.link.connected.is_set():
+                self.reconciler.publish_reported()

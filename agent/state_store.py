@@ -1,0 +1,143 @@
+"""The agent's durable state: one JSON file, replaced atomically on every change.
+
+It holds the last accepted desired state (so a restart resumes it without a replay from the
+broker), the sequence fully applied, the active slot of each model, and the deployment in
+progress with its state-machine state (persisted *before* the step it names runs).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ConfigError
+from shared.files import atomic_write_json
+
+STATE_FILE = "state.json"
+STATE_SCHEMA = "edgefleet.agent-state/v1"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ActiveModel:
+    """A model slot the agent serves."""
+
+    name: str
+    version: str
+    bundle_digest: str
+    runtime: str
+    slot: str  # directory name under models/<name>/
+    model_file: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "bundle_digest": self.bundle_digest,
+            "runtime": self.runtime,
+            "slot": self.slot,
+            "model_file": self.model_file,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InProgress:
+    """The deployment under way (at most one at a time)."""
+
+    sequence: int
+    name: str
+    version: str
+    bundle_digest: str
+    bundle_size: int
+    runtime: str
+    state: str
+    started_at: float
+    previous: ActiveModel | None  # what to roll back to
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sequence": self.sequence,
+            "name": self.name,
+            "version": self.version,
+            "bundle_digest": self.bundle_digest,
+            "bundle_size": self.bundle_size,
+            "runtime": self.runtime,
+            "state": self.state,
+            "started_at": self.started_at,
+            "previous": self.previous.to_dict() if self.previous else None,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentState:
+    """Everything the agent must remember across restarts."""
+
+    desired_envelope: str | None = None  # the last accepted signed desired state, as received
+    accepted_sequence: int = 0
+    applied_sequence: int = 0
+    active: dict[str, ActiveModel] = field(default_factory=dict)
+    in_progress: InProgress | None = None
+    failed: dict[str, str] = field(default_factory=dict)  # model name -> digest that failed at accepted_sequence
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": STATE_SCHEMA,
+            "desired_envelope": self.desired_envelope,
+            "accepted_sequence": self.accepted_sequence,
+            "applied_sequence": self.applied_sequence,
+            "active": {k: v.to_dict() for k, v in sorted(self.active.items())},
+            "in_progress": self.in_progress.to_dict() if self.in_progress else None,
+            "failed": dict(self.failed),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> AgentState:
+        if raw.get("schema") != STATE_SCHEMA:
+            raise ConfigError(f"agent state file has schema {raw.get('schema')!r}, expected {STATE_SCHEMA!r}")
+        progress = raw.get("in_progress")
+        return cls(
+            desired_envelope=raw.get("desired_envelope"),
+            accepted_sequence=int(raw["accepted_sequence"]),
+            applied_sequence=int(raw["applied_sequence"]),
+            active={k: ActiveModel(**v) for k, v in raw["active"].items()},
+            in_progress=None
+            if progress is None
+            else InProgress(
+                **{**progress, "previous": ActiveModel(**progress["previous"]) if progress["previous"] else None}
+            ),
+            failed=dict(raw.get("failed", {})),
+        )
+
+
+class StateStore:
+    """Holds the current :class:`AgentState` and writes every change through to disk."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._path = data_dir / STATE_FILE
+        self._lock = threading.Lock()
+        self._state = self._load()
+
+    def _load(self) -> AgentState:
+        if not self._path.exists():
+            return AgentState()
+        try:
+            raw = json.loads(self._path.read_text())
+            if not isinstance(raw, dict):
+                raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
+            return AgentState.from_dict(raw)
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+            raise ConfigError(f"agent state file {self._path} is unreadable: {exc}") from exc
+
+    @property
+    def state(self) -> AgentState:
+        return self._state
+
+    def update(self, **changes: Any) -> AgentState:
+        """Replace fields, persist atomically, and return the new state."""
+        with self._lock:
+            new = replace(self._state, **changes)
+            atomic_write_json(self._path, new.to_dict())
+            self._state = new
+            return new

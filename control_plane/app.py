@@ -1,0 +1,201 @@
+"""The FastAPI application and its lifespan: start every part in order, stop them in reverse.
+
+Start-up, each step registering its own teardown on one ``ExitStack`` so that a failure half-way
+stops exactly what was started::
+
+    data dirs -> database (tables) -> keys -> bundle store -> broker (embedded unless configured)
+      -> MQTT bridge (connect, subscribe) -> republish stored desired states -> re-sign scheduler
+
+Stored desired states are published again at start because a crash between a commit and its
+publish would otherwise leave a device without its newest state until the next re-sign, and
+because the in-memory amqtt fallback broker forgets retained messages when it restarts.
+Devices ignore an identical copy of a state they already accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack, asynccontextmanager
+from datetime import UTC, datetime
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from control_plane.api import edgefleet_error_handler, health_router, router, validation_error_handler
+from control_plane.bundle_store import BundleStore
+from control_plane.db import create_db_engine, create_tables
+from control_plane.deps import ControlPlane
+from control_plane.desired_states import DesiredStateService
+from control_plane.ingest import Ingestor
+from control_plane.keys import load_or_create_keys
+from control_plane.mqtt_bridge import BrokerConnection, MqttBridge
+from control_plane.settings import ServerSettings
+from shared.chunks import HEADER_BYTES
+from shared.errors import EdgefleetError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BROKER_PORT = 1883
+EMBEDDED_BROKER_HOST = "127.0.0.1"  # one machine: the embedded broker is not exposed
+_PACKET_SLACK_BYTES = 64 * 1024  # bytes beyond a chunk's data: its header, the topic, MQTT framing
+
+
+def create_app(settings: ServerSettings, *, clock: Callable[[], float] = time.time) -> FastAPI:
+    """Build the control plane's FastAPI app; its parts start with the app's lifespan.
+
+    Args:
+        settings: Validated settings.
+        clock: Unix seconds now, for signing times and bookkeeping (tests pass their own).
+
+    Returns:
+        The app; ``app.state.control_plane`` (and ``app.state.broker_host`` /
+        ``app.state.broker_port``) are set while it runs.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        with ExitStack() as stack:
+            control_plane = _start(settings, clock, stack)
+            app.state.control_plane = control_plane
+            app.state.broker_host = control_plane.broker_host
+            app.state.broker_port = control_plane.broker_port
+            log.info(
+                "control plane up: data in %s, broker %s:%d",
+                settings.data_dir,
+                control_plane.broker_host,
+                control_plane.broker_port,
+            )
+            yield
+            log.info("control plane stopping")
+
+    app = FastAPI(
+        title="edgefleet control plane",
+        summary="Deploy signed ML model bundles to edge devices over MQTT.",
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(EdgefleetError, edgefleet_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.include_router(health_router)
+    app.include_router(router)
+    return app
+
+
+def _start(settings: ServerSettings, clock: Callable[[], float], stack: ExitStack) -> ControlPlane:
+    data_dir = settings.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+
+    engine = create_db_engine(settings.database_url)
+    stack.callback(engine.dispose)
+    create_tables(engine)
+
+    keys = load_or_create_keys(data_dir / "keys")
+    store = BundleStore(data_dir / "bundles", cache_bytes=settings.bundle_cache_bytes)
+    stack.callback(store.close)
+
+    broker_host, broker_port, broker_kind = _start_broker(settings, stack)
+
+    ingestor: Ingestor | None = None
+
+    def handle(topic: str, payload: bytes) -> None:
+        assert ingestor is not None  # set below, before the bridge starts
+        ingestor.handle(topic, payload)
+
+    bridge = MqttBridge(
+        BrokerConnection(
+            host=broker_host,
+            port=broker_port,
+            username=settings.broker_username,
+            password=settings.broker_password,
+            client_id_suffix=settings.client_id_suffix,
+            share_group=settings.share_group,
+        ),
+        handle,
+    )
+    ingestor = Ingestor(
+        engine,
+        store,
+        bridge,
+        max_chunk_bytes=settings.max_chunk_bytes,
+        max_chunk_request_bytes=settings.max_chunk_request_bytes,
+        clock=clock,
+    )
+    desired = DesiredStateService(bridge, keys.online, ttl_s=settings.desired_state_ttl_s)
+    bridge.start()
+    stack.callback(bridge.stop)
+    if not bridge.wait_ready(settings.broker_connect_timeout_s):
+        log.warning(
+            "no MQTT connection to %s:%d after %.0f s; going on, and paho keeps trying",
+            broker_host,
+            broker_port,
+            settings.broker_connect_timeout_s,
+        )
+
+    with Session(engine) as session:
+        republished = desired.republish_all(session)
+    if republished:
+        log.info("published %d stored desired state(s) again", republished)
+
+    scheduler = BackgroundScheduler(timezone=UTC)
+    scheduler.add_job(
+        _resign_job(engine, desired, clock),
+        "interval",
+        seconds=settings.resign_interval_s,
+        id="resign-desired-states",
+        max_instances=1,
+        coalesce=True,
+        # Also once right away: after downtime, some states may already be past half-life.
+        next_run_time=datetime.now(UTC),
+    )
+    scheduler.start()
+    stack.callback(scheduler.shutdown)
+
+    return ControlPlane(
+        settings=settings,
+        engine=engine,
+        keys=keys,
+        store=store,
+        desired=desired,
+        ingestor=ingestor,
+        bridge=bridge,
+        broker_host=broker_host,
+        broker_port=broker_port,
+        broker_kind=broker_kind,
+        clock=clock,
+    )
+
+
+def _start_broker(settings: ServerSettings, stack: ExitStack) -> tuple[str, int, str]:
+    if settings.broker_host is not None:
+        return settings.broker_host, settings.broker_port or DEFAULT_BROKER_PORT, "external"
+    # Imported here: a control plane on an external broker never needs it.
+    from control_plane.embedded_broker import BrokerSettings, start_embedded_broker
+
+    broker = start_embedded_broker(
+        BrokerSettings(
+            host=EMBEDDED_BROKER_HOST,
+            port=settings.broker_port or 0,
+            data_dir=settings.data_dir / "broker",
+            max_packet_size_bytes=max(
+                BrokerSettings().max_packet_size_bytes, settings.max_chunk_bytes + HEADER_BYTES + _PACKET_SLACK_BYTES
+            ),
+        )
+    )
+    stack.callback(broker.stop)
+    log.info("embedded %s broker on %s:%d", broker.kind, broker.host, broker.port)
+    return broker.host, broker.port, broker.kind
+
+
+def _resign_job(engine: Engine, desired: DesiredStateService, clock: Callable[[], float]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            with Session(engine) as session:
+                desired.resign_expiring(session, now=clock())
+        except Exception:  # the scheduler thread must survive a bad run; the next one retries
+            log.exception("re-signing desired states failed")
+
+    return run

@@ -1,0 +1,218 @@
+"""``edgefleet``: run the control plane, publish models, deploy them, and run the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from control_plane.client import DEFAULT_API_URL, EdgefleetClient
+from shared.errors import EdgefleetError
+
+app = typer.Typer(
+    help="edgefleet: signed ML model rollouts to edge devices over MQTT.", no_args_is_help=True, add_completion=False
+)
+models_app = typer.Typer(help="Publish and list models.", no_args_is_help=True)
+devices_app = typer.Typer(help="List devices and write agent configs.", no_args_is_help=True)
+deployments_app = typer.Typer(help="List deployments.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(devices_app, name="devices")
+app.add_typer(deployments_app, name="deployments")
+console = Console()
+
+ApiUrl = Annotated[str, typer.Option("--api-url", envvar="EDGEFLEET_API_URL", help="Control plane URL.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _client(api_url: str) -> EdgefleetClient:
+    return EdgefleetClient(api_url)
+
+
+def _fail(exc: EdgefleetError) -> typer.Exit:
+    console.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(1)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(str(row.get(c, "")) for c in columns))
+    console.print(table)
+
+
+@app.command()
+def server(
+    data_dir: Annotated[Path, typer.Option(envvar="EDGEFLEET_DATA_DIR", help="State, keys and bundles.")] = Path(
+        ".edgefleet"
+    ),
+    host: Annotated[str, typer.Option(help="API listen address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="API port.")] = 8700,
+    database_url: Annotated[
+        str | None,
+        typer.Option(envvar="EDGEFLEET_DATABASE_URL", help="SQLAlchemy URL; default SQLite in the data dir."),
+    ] = None,
+    broker_host: Annotated[
+        str | None,
+        typer.Option(envvar="EDGEFLEET_BROKER_HOST", help="External MQTT broker; omit to start an embedded one."),
+    ] = None,
+    broker_port: Annotated[
+        int, typer.Option(envvar="EDGEFLEET_BROKER_PORT", help="Broker port (embedded: 0 picks a free one).")
+    ] = 1883,
+    log_level: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Run the control plane (REST API + MQTT bridge; embedded broker unless --broker-host)."""
+    import logging
+
+    import uvicorn
+
+    from control_plane.app import create_app
+    from control_plane.settings import ServerSettings
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(
+        data_dir=data_dir.resolve(),
+        database_url=database_url or "",
+        api_host=host,
+        api_port=port,
+        broker_host=broker_host,
+        broker_port=broker_port if broker_host else (broker_port if broker_port != 1883 else 0),
+    )
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower(), access_log=False)
+
+
+@models_app.command("push")
+def models_push(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="An .onnx or .tflite model file.")],
+    name: Annotated[str, typer.Option(help="Model name (lowercase, digits, . _ -).")],
+    version: Annotated[str, typer.Option(help="Model version, e.g. 1.0.0.")],
+    runtime: Annotated[str | None, typer.Option(help="onnx or tflite; default from the file extension.")] = None,
+    description: Annotated[str, typer.Option()] = "",
+    api_url: ApiUrl = DEFAULT_API_URL,
+    as_json: AsJson = False,
+) -> None:
+    """Publish a model: the control plane packs it into a signed bundle."""
+    try:
+        with _client(api_url) as client:
+            result = client.push_model(file, name=name, version=version, runtime=runtime, description=description)
+    except EdgefleetError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        console.print(
+            f"published [bold]{result['name']}:{result['version']}[/bold] ({result['runtime']}) "
+            f"bundle {result['bundle_digest'][:19]}… {result['bundle_size']} bytes"
+        )
+
+
+@models_app.command("list")
+def models_list(api_url: ApiUrl = DEFAULT_API_URL, as_json: AsJson = False) -> None:
+    """List published model versions."""
+    try:
+        with _client(api_url) as client:
+            rows = client.models()
+    except EdgefleetError as exc:
+        raise _fail(exc) from exc
+    _table(rows, ["name", "version", "runtime", "bundle_size", "created_at"], as_json)
+
+
+@app.command()
+def deploy(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[str, typer.Argument(help="Model version.")],
+    device: Annotated[list[str], typer.Option("--device", "-d", help="Target device id; repeatable.")],
+    wait: Annotated[bool, typer.Option(help="Wait until every device reports an outcome.")] = False,
+    timeout_s: Annotated[float, typer.Option(help="With --wait: give up after this many seconds.")] = 120.0,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    as_json: AsJson = False,
+) -> None:
+    """Deploy a published model version to devices."""
+    try:
+        with _client(api_url) as client:
+            rows = client.deploy(name, version, devices=device)
+            if wait:
+                rows = client.wait_for_deployments([r["id"] for r in rows], timeout_s=timeout_s)
+    except EdgefleetError as exc:
+        raise _fail(exc) from exc
+    _table(rows, ["id", "device_id", "model_name", "version", "status", "message"], as_json)
+    if wait and any(r["status"] != "succeeded" for r in rows):
+        raise typer.Exit(1)
+
+
+@devices_app.command("list")
+def devices_list(api_url: ApiUrl = DEFAULT_API_URL, as_json: AsJson = False) -> None:
+    """List devices with their online status."""
+    try:
+        with _client(api_url) as client:
+            rows = client.devices()
+    except EdgefleetError as exc:
+        raise _fail(exc) from exc
+    _table(rows, ["id", "online", "applied_sequence", "desired_sequence", "last_seen_at"], as_json)
+
+
+@devices_app.command("agent-config")
+def devices_agent_config(
+    device_id: Annotated[str, typer.Argument(help="The new device's id.")],
+    out: Annotated[Path, typer.Option(help="Where to write the agent's TOML config.")],
+    data_dir: Annotated[str, typer.Option(help="The agent's data dir (relative to the config file).")] = "agent-data",
+    api_port: Annotated[int, typer.Option(help="The agent's local inference API port.")] = 8701,
+    api_url: ApiUrl = DEFAULT_API_URL,
+) -> None:
+    """Write an agent config that pins this control plane's keys and points at its broker."""
+    from agent.config import AgentConfig, ApiConfig, BrokerConfig, TrustConfig, render_config
+
+    try:
+        with _client(api_url) as client:
+            info = client.info()
+    except EdgefleetError as exc:
+        raise _fail(exc) from exc
+    config = AgentConfig(
+        device_id=device_id,
+        data_dir=Path(data_dir),
+        broker=BrokerConfig(host=info["broker"]["host"], port=info["broker"]["port"]),
+        trust=TrustConfig(publisher_keys=tuple(info["keys"]["publisher"]), online_keys=tuple(info["keys"]["online"])),
+        api=ApiConfig(port=api_port),
+    )
+    out.write_text(render_config(config))
+    console.print(f"wrote {out}; start the agent with: edgefleet-agent run --config {out}")
+
+
+@deployments_app.command("list")
+def deployments_list(
+    device: Annotated[str | None, typer.Option(help="Only this device.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    as_json: AsJson = False,
+) -> None:
+    """List deployments and their outcomes."""
+    try:
+        with _client(api_url) as client:
+            rows = client.deployments(device=device, model=model)
+    except EdgefleetError as exc:
+        raise _fail(exc) from exc
+    _table(rows, ["id", "device_id", "model_name", "version", "status", "updated_at"], as_json)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path | None, typer.Option(help="Keep everything here instead of a temp dir.")] = None,
+    agents: Annotated[int, typer.Option(min=1, max=8, help="How many agents to start.")] = 2,
+) -> None:
+    """End to end on one machine: broker, control plane, agents, two real models, inference checks."""
+    from control_plane.demo import run_demo
+
+    raise typer.Exit(run_demo(workdir=workdir, n_agents=agents, console=console))
+
+
+def main() -> None:
+    """Console entry point."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

@@ -1,0 +1,339 @@
+"""Desired states: what each device should run, signed with the online key and published retained.
+
+A device's desired state is a pure function of database rows (:func:`desired_state_for`):
+its :class:`~control_plane.tables.Assignment` rows joined to their
+:class:`~control_plane.tables.ModelVersion` rows, a sequence number and a validity window.
+:class:`DesiredStateService` does the I/O around it:
+
+1. change the assignments (and record a :class:`~control_plane.tables.Deployment` per device),
+2. bump each device's ``desired_sequence`` atomically in the database
+   (``UPDATE ... RETURNING``, so two replicas can never sign the same number twice),
+3. sign the new state and store the envelope with the device,
+4. commit, and only then publish the envelope retained at QoS 1 on the device's ``desired``
+   topic, so that nothing is ever published that the database does not know about.
+
+A process-wide lock is held from step 1 to step 4: sequences are published in the order they
+were issued, and the retained message is always the newest. (Across replicas the newest
+sequence still wins on the device, which refuses anything not newer than what it accepted.)
+
+Signed states expire (``ttl_s``); :meth:`DesiredStateService.resign_expiring`, run by the
+scheduler, re-signs any state past half its validity with a new sequence, so a device that
+comes back after days still finds a valid one waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+
+from sqlalchemy import update
+from sqlmodel import Session, col, func, select
+
+from control_plane.messaging import MessagePublisher
+from control_plane.tables import Assignment, Deployment, DeploymentStatus, Device, ModelVersion, assigned_version
+from shared.errors import MessageError, NotFoundError
+from shared.messages import MAX_MODELS, DesiredState, ModelDirective
+from shared.signing import SigningKey
+from shared.topics import Leaf, device_topic
+
+log = logging.getLogger(__name__)
+
+RESIGN_BATCH = 500  # devices re-signed per transaction by resign_expiring
+
+
+def desired_state_for(
+    device_id: str,
+    sequence: int,
+    models: Iterable[ModelVersion],
+    *,
+    issued_at: float,
+    ttl_s: float,
+) -> DesiredState:
+    """The desired state of a device, from the model versions assigned to it.
+
+    Args:
+        device_id: The device the state is bound to.
+        sequence: Its sequence number (strictly greater than any the device accepted before).
+        models: The :class:`ModelVersion` rows of the device's assignments, one per model name.
+        issued_at: Unix seconds of signing.
+        ttl_s: Seconds until it expires.
+
+    Returns:
+        The unsigned state, models sorted by name (same rows, same bytes).
+    """
+    directives = sorted(
+        (
+            ModelDirective(
+                name=m.name,
+                version=m.version,
+                bundle_digest=m.bundle_digest,
+                bundle_size=m.bundle_size,
+                runtime=m.runtime,
+            )
+            for m in models
+        ),
+        key=lambda d: d.name,
+    )
+    return DesiredState(
+        device_id=device_id,
+        sequence=sequence,
+        issued_at=issued_at,
+        expires_at=issued_at + ttl_s,
+        models=tuple(directives),
+    )
+
+
+def is_past_half_life(issued_at: float, expires_at: float, now: float) -> bool:
+    """Whether a state valid from ``issued_at`` to ``expires_at`` should be re-signed at ``now``."""
+    return now >= (issued_at + expires_at) / 2
+
+
+class DesiredStateService:
+    """Changes assignments and publishes the resulting signed desired states."""
+
+    def __init__(self, publisher: MessagePublisher, online_key: SigningKey, *, ttl_s: float) -> None:
+        """Create the service.
+
+        Args:
+            publisher: Where envelopes go (the MQTT bridge, or a fake in tests).
+            online_key: Signs every desired state.
+            ttl_s: Validity of each signed state, in seconds.
+        """
+        self._publisher = publisher
+        self._key = online_key
+        self._ttl_s = ttl_s
+        # Taken before the session's first statement: on SQLite every transaction holds the
+        # database write lock, and taking ours second could deadlock against a waiting writer.
+        self._lock = threading.Lock()
+
+    def assign(
+        self, session: Session, device_ids: Sequence[str], model_name: str, version: str, *, now: float
+    ) -> list[Deployment]:
+        """Make ``device_ids`` run ``model_name`` at ``version``.
+
+        Upserts the assignments, marks older pending deployments of the model on those devices
+        superseded, signs and publishes each device's new desired state, and records one pending
+        :class:`Deployment` per device. Commits.
+
+        Args:
+            session: Database session with no transaction of its own in progress.
+            device_ids: Target devices (duplicates are ignored).
+            model_name: A published model's name.
+            version: One of its published versions.
+            now: Unix seconds (signing time).
+
+        Returns:
+            The new deployments, in the order of ``device_ids``.
+
+        Raises:
+            NotFoundError: The model version or a device does not exist.
+            MessageError: No devices, or a device would get more than ``MAX_MODELS`` models.
+        """
+        ids = list(dict.fromkeys(device_ids))
+        if not ids:
+            raise MessageError("a deployment needs at least one device")
+        with self._lock:
+            try:
+                model = session.exec(
+                    select(ModelVersion).where(ModelVersion.name == model_name, ModelVersion.version == version)
+                ).first()
+                if model is None:
+                    raise NotFoundError(f"model {model_name!r} version {version!r} is not published")
+                _require_devices(session, ids)
+                for device_id in ids:
+                    assignment = session.exec(
+                        select(Assignment).where(Assignment.device_id == device_id, Assignment.model_name == model_name)
+                    ).first()
+                    if assignment is None:
+                        session.add(Assignment(device_id=device_id, model_name=model_name, version=version))
+                    else:
+                        assignment.version = version
+                        session.add(assignment)
+                    _supersede_pending(session, device_id, model_name, now)
+                session.flush()
+                _check_model_counts(session, ids)
+                issued = [self._issue(session, device_id, now) for device_id in ids]
+                stamp = _utc(now)
+                deployments = [
+                    Deployment(
+                        device_id=state.device_id,
+                        model_name=model_name,
+                        version=version,
+                        bundle_digest=model.bundle_digest,
+                        sequence=state.sequence,
+                        status=DeploymentStatus.PENDING,
+                        created_at=stamp,
+                        updated_at=stamp,
+                    )
+                    for state, _ in issued
+                ]
+                session.add_all(deployments)
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+            self._publish(issued)
+        for deployment in deployments:
+            session.refresh(deployment)
+        log.info("assigned %s %s to %d device(s)", model_name, version, len(ids))
+        return deployments
+
+    def unassign(self, session: Session, device_ids: Sequence[str], model_name: str, *, now: float) -> list[str]:
+        """Stop running ``model_name`` on ``device_ids``; commits.
+
+        Devices without that model are left alone (no new desired state).
+
+        Returns:
+            The devices whose desired state changed.
+
+        Raises:
+            NotFoundError: A device does not exist.
+        """
+        ids = list(dict.fromkeys(device_ids))
+        with self._lock:
+            try:
+                _require_devices(session, ids)
+                assignments = session.exec(
+                    select(Assignment).where(col(Assignment.device_id).in_(ids), Assignment.model_name == model_name)
+                ).all()
+                changed = [a.device_id for a in assignments]
+                if not changed:
+                    session.rollback()
+                    return []
+                for assignment in assignments:
+                    session.delete(assignment)
+                    _supersede_pending(session, assignment.device_id, model_name, now)
+                session.flush()
+                issued = [self._issue(session, device_id, now) for device_id in changed]
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+            self._publish(issued)
+        log.info("unassigned %s from %d device(s)", model_name, len(changed))
+        return changed
+
+    def resign_expiring(self, session: Session, *, now: float) -> list[str]:
+        """Re-sign, with a new sequence, every desired state past half its validity; commits.
+
+        Args:
+            session: Database session with no transaction of its own in progress.
+            now: Unix seconds.
+
+        Returns:
+            The devices whose state was re-signed.
+        """
+        done: list[str] = []
+        while True:
+            with self._lock:
+                try:
+                    # Each batch commits, and re-signed states move their midpoint into the
+                    # future, so this query never returns the same device twice.
+                    batch = session.exec(
+                        select(Device.id)
+                        .where(
+                            Device.desired_sequence > 0,
+                            col(Device.desired_issued_at).is_not(None),
+                            (col(Device.desired_issued_at) + col(Device.desired_expires_at)) / 2 <= now,
+                        )
+                        .order_by(col(Device.id))
+                        .limit(RESIGN_BATCH)
+                    ).all()
+                    if not batch:
+                        session.rollback()
+                        break
+                    issued = [self._issue(session, device_id, now) for device_id in batch]
+                    session.commit()
+                except BaseException:
+                    session.rollback()
+                    raise
+                self._publish(issued)
+            done.extend(batch)
+        if done:
+            log.info("re-signed the desired state of %d device(s)", len(done))
+        return done
+
+    def republish_all(self, session: Session) -> int:
+        """Publish every device's stored envelope again, unchanged (retained).
+
+        For a broker that lost its retained messages (the in-memory amqtt fallback after a
+        restart). Devices that already accepted a state ignore the identical copy.
+
+        Returns:
+            How many envelopes were published.
+        """
+        with self._lock:
+            rows = session.exec(select(Device.id, Device.desired_envelope).where(Device.desired_envelope != "")).all()
+            session.rollback()
+            for device_id, envelope in rows:
+                self._publisher.publish(device_topic(device_id, Leaf.DESIRED), envelope.encode(), retain=True)
+        return len(rows)
+
+    def _issue(self, session: Session, device_id: str, now: float) -> tuple[DesiredState, bytes]:
+        """Bump the sequence, compute, sign and store the desired state of one device (no commit)."""
+        sequence = session.exec(
+            update(Device)
+            .where(col(Device.id) == device_id)
+            .values(desired_sequence=col(Device.desired_sequence) + 1)
+            .returning(col(Device.desired_sequence))
+        ).scalar_one()
+        models = session.exec(
+            select(ModelVersion)
+            .join(Assignment, assigned_version())
+            .where(Assignment.device_id == device_id)
+        ).all()
+        state = desired_state_for(device_id, sequence, models, issued_at=now, ttl_s=self._ttl_s)
+        envelope = state.seal(self._key)
+        session.exec(
+            update(Device)
+            .where(col(Device.id) == device_id)
+            .values(
+                desired_issued_at=state.issued_at,
+                desired_expires_at=state.expires_at,
+                desired_envelope=envelope.decode(),
+            )
+        )
+        return state, envelope
+
+    def _publish(self, issued: Iterable[tuple[DesiredState, bytes]]) -> None:
+        for state, envelope in issued:
+            self._publisher.publish(device_topic(state.device_id, Leaf.DESIRED), envelope, retain=True)
+
+
+def _require_devices(session: Session, ids: Sequence[str]) -> None:
+    known = set(session.exec(select(Device.id).where(col(Device.id).in_(ids))).all())
+    missing = [i for i in ids if i not in known]
+    if missing:
+        raise NotFoundError(
+            f"unknown device(s) {missing[:10]}: a device registers when its agent first reports, "
+            "or with POST /api/v1/devices"
+        )
+
+
+def _supersede_pending(session: Session, device_id: str, model_name: str, now: float) -> None:
+    session.exec(
+        update(Deployment)
+        .where(
+            col(Deployment.device_id) == device_id,
+            col(Deployment.model_name) == model_name,
+            col(Deployment.status) == DeploymentStatus.PENDING,
+        )
+        .values(status=DeploymentStatus.SUPERSEDED, updated_at=_utc(now))
+    )
+
+
+def _check_model_counts(session: Session, ids: Sequence[str]) -> None:
+    counts = session.exec(
+        select(Assignment.device_id, func.count())
+        .where(col(Assignment.device_id).in_(ids))
+        .group_by(col(Assignment.device_id))
+    ).all()
+    for device_id, count in counts:
+        if count > MAX_MODELS:
+            raise MessageError(f"device {device_id!r} would run {count} models; a device runs at most {MAX_MODELS}")
+
+
+def _utc(now: float) -> datetime:
+    return datetime.fromtimestamp(now, UTC)

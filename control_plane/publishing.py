@@ -1,0 +1,222 @@
+"""Publishing a model: from a model file to a signed, stored bundle and its database row.
+
+The model is opened in its runtime first (the same :func:`agent.runtimes.load_model` a device
+uses), which proves it loads and gives the input/output signature for the manifest: a file
+that would fail on every device is refused here, with a 400, not discovered fleet-wide.
+
+Publishing is idempotent for CI retries: the same name, version and model bytes again return
+the existing version; the same name and version with other bytes is a conflict, because
+devices and deployments refer to a version by name and it must mean one thing forever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from agent.runtimes import load_model
+from control_plane.bundle_store import BundleStore
+from control_plane.errors import ConflictError
+from control_plane.keys import ControlPlaneKeys
+from control_plane.tables import ModelVersion, utcnow
+from shared.bundle import build_bundle, make_manifest, verify_bundle
+from shared.errors import EdgefleetError, MessageError, RuntimeLoadError
+from shared.manifest import MODEL_EXTENSIONS, RUNTIMES, Manifest
+from shared.strict import NAME_RE, VERSION_RE
+
+log = logging.getLogger(__name__)
+
+MAX_DESCRIPTION_CHARS = 4096  # what the manifest decoder accepts
+MAX_LABELS = 64  # count, likewise
+_READ_BLOCK = 1024 * 1024  # bytes
+
+
+def infer_runtime(filename: str) -> str:
+    """The runtime a model file's extension implies (``.onnx`` -> onnx, ``.tflite`` -> tflite).
+
+    Raises:
+        MessageError: Any other extension.
+    """
+    suffix = Path(filename).suffix.lower()
+    runtime = MODEL_EXTENSIONS.get(suffix)
+    if runtime is None:
+        raise MessageError(
+            f"cannot tell the runtime from {filename!r:.100}: use a {sorted(MODEL_EXTENSIONS)} file or give the runtime"
+        )
+    return runtime
+
+
+def bundle_model_file(runtime: str) -> str:
+    """The model file's path inside a bundle of ``runtime``: ``model.onnx`` or ``model.tflite``."""
+    extension = next(ext for ext, rt in MODEL_EXTENSIONS.items() if rt == runtime)
+    return "model" + extension
+
+
+def publish_model(
+    session: Session,
+    store: BundleStore,
+    keys: ControlPlaneKeys,
+    *,
+    model_path: Path,
+    name: str,
+    version: str,
+    runtime: str | None = None,
+    description: str = "",
+    labels: Mapping[str, str] | None = None,
+) -> ModelVersion:
+    """Sign and store a model file as the bundle of ``name`` ``version``.
+
+    Args:
+        session: Database session; committed on success.
+        store: Where the bundle goes.
+        keys: ``keys.publisher`` signs the manifest.
+        model_path: The model file (left in place).
+        name: Model name (lowercase, ``[a-z0-9._-]``, at most 64 chars).
+        version: Version string (``[A-Za-z0-9._+-]``, at most 64 chars).
+        runtime: ``"onnx"`` or ``"tflite"``; ``None`` infers it from ``model_path``'s extension.
+        description: Free text carried in the signed manifest.
+        labels: Short string pairs carried in the signed manifest.
+
+    Returns:
+        The new row, or the existing one if this exact model was already published under
+        this name and version.
+
+    Raises:
+        MessageError: Invalid name, version, runtime, description or labels.
+        RuntimeLoadError: The file does not load in its runtime.
+        ConflictError: ``name`` ``version`` exists with a different model file or runtime.
+    """
+    runtime = _check_inputs(model_path, name, version, runtime, description, labels)
+    model_sha256 = _sha256_hex(model_path)
+    # Also ends the read transaction before the slow part (on SQLite every transaction holds
+    # the write lock): loading, hashing and signing happen with no transaction open.
+    existing = _existing(session, name, version, runtime, model_sha256)
+    if existing is not None:
+        return existing
+
+    manifest = _describe(model_path, name, version, runtime, description, labels)
+    files = {manifest.model_file: model_path}
+    tmp = store.new_temp_path(".bundle")
+    try:
+        build_bundle(tmp, manifest, files, [keys.publisher])
+        # Cheap insurance: what we store is exactly what a device's verifier accepts.
+        verify_bundle(tmp, trusted_keys={keys.publisher.key_id: keys.publisher.public_key})
+        size = tmp.stat().st_size
+        digest = store.put_file(tmp)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+    row = ModelVersion(
+        name=name,
+        version=version,
+        runtime=runtime,
+        bundle_digest=digest,
+        bundle_size=size,
+        manifest_json=manifest.encode().decode(),
+        created_at=utcnow(),
+    )
+    session.add(row)
+    try:
+        session.commit()
+    except IntegrityError:
+        # Another publish of the same name/version won the race: same answer as if it had
+        # finished before we looked.
+        session.rollback()
+        existing = _existing(session, name, version, runtime, model_sha256)
+        if existing is None:
+            raise
+        return existing
+    session.refresh(row)
+    log.info("published %s %s (%s, %s, %d bytes)", name, version, runtime, digest, size)
+    return row
+
+
+def manifest_of(row: ModelVersion) -> Manifest:
+    """The signed manifest stored with a model version."""
+    return Manifest.decode(row.manifest_json.encode())
+
+
+def _check_inputs(
+    model_path: Path,
+    name: str,
+    version: str,
+    runtime: str | None,
+    description: str,
+    labels: Mapping[str, str] | None,
+) -> str:
+    if not NAME_RE.match(name):
+        raise MessageError(f"model name {name!r:.80} must match {NAME_RE.pattern}")
+    if not VERSION_RE.match(version):
+        raise MessageError(f"version {version!r:.80} must match {VERSION_RE.pattern}")
+    if runtime is None:
+        runtime = infer_runtime(model_path.name)
+    elif runtime not in RUNTIMES:
+        raise MessageError(f"runtime {runtime!r:.40} is not one of {RUNTIMES}")
+    if len(description) > MAX_DESCRIPTION_CHARS:
+        raise MessageError(f"description is over {MAX_DESCRIPTION_CHARS} characters")
+    if labels is not None and (
+        len(labels) > MAX_LABELS
+        or not all(isinstance(k, str) and isinstance(v, str) and len(k) <= 128 and len(v) <= 1024
+                   for k, v in labels.items())
+    ):
+        raise MessageError(f"labels must be at most {MAX_LABELS} string pairs (keys <= 128, values <= 1024 chars)")
+    return runtime
+
+
+def _existing(session: Session, name: str, version: str, runtime: str, model_sha256: str) -> ModelVersion | None:
+    row = session.exec(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)).first()
+    if row is None:
+        session.rollback()
+        return None
+    manifest = manifest_of(row)
+    if row.runtime == runtime and manifest.file(manifest.model_file).sha256 == model_sha256:
+        return row
+    raise ConflictError(
+        f"model {name!r} version {version!r} is already published with a different "
+        f"{'runtime' if row.runtime != runtime else 'model file'}; publish a new version instead"
+    )
+
+
+def _describe(
+    model_path: Path,
+    name: str,
+    version: str,
+    runtime: str,
+    description: str,
+    labels: Mapping[str, str] | None,
+) -> Manifest:
+    try:
+        loaded = load_model(runtime, model_path, name=name, version=version)
+    except EdgefleetError:
+        raise
+    except Exception as exc:  # a runtime's own exception types must not leak past this boundary
+        raise RuntimeLoadError(f"model {name!r} version {version!r} does not load in {runtime}: {exc}") from exc
+    try:
+        inputs, outputs = loaded.inputs, loaded.outputs
+    finally:
+        loaded.close()
+    model_file = bundle_model_file(runtime)
+    return make_manifest(
+        name=name,
+        version=version,
+        runtime=runtime,
+        model_file=model_file,
+        files={model_file: model_path},
+        inputs=inputs,
+        outputs=outputs,
+        description=description,
+        labels=labels,
+    )
+
+
+def _sha256_hex(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_READ_BLOCK):
+            h.update(block)
+    return h.hexdigest()

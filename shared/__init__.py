@@ -1,0 +1,1 @@
+"""Code used by both the control plane and the agent: bundle format, signing, topics, schemas."""

@@ -1,0 +1,42 @@
+"""Shared fixtures. Broker fixtures: a real Mosquitto on a free port, never the system one on 1883."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from control_plane.embedded_broker import BrokerSettings, MosquittoBroker, find_mosquitto, start_mosquitto
+
+_MISSING_MOSQUITTO = (
+    "the mosquitto binary is required by these tests and was not found on PATH or in /usr/sbin; "
+    "install mosquitto: apt-get install mosquitto"
+)
+
+
+def _start(data_dir: Path) -> MosquittoBroker:
+    binary = find_mosquitto()
+    if binary is None:
+        pytest.fail(_MISSING_MOSQUITTO, pytrace=False)
+    return start_mosquitto(BrokerSettings(data_dir=data_dir), binary=binary)
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    """A Mosquitto shared by the whole session. Do not stop, kill or restart it: use ``fresh_mosquitto``."""
+    handle = _start(tmp_path_factory.mktemp("mosquitto"))
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture
+def fresh_mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A Mosquitto of this test's own, free to restart(), kill() or stop()."""
+    handle = _start(tmp_path / "mosquitto")
+    try:
+        yield handle
+    finally:
+        handle.stop()
