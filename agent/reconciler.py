@@ -131,6 +131,10 @@ class Reconciler:
             self.idle.clear()
             self._wake.set()
 
+    def wake(self) -> None:
+        """Wake the worker now (shutdown, tests)."""
+        self._wake.set()
+
     # -- boot --------------------------------------------------------------------------------
 
     def load_active(self) -> None:

@@ -71,13 +71,12 @@ class Agent:
     def stop(self) -> None:
         """Stop threads, say goodbye to the broker, close the API and unload models."""
         self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=10)
-        self.link.stop()
+        self.reconciler.wake()  # don't wait out its poll interval
         if self._api_server is not None:
             self._api_server.should_exit = True
         for thread in self._threads:
-            thread.join(timeout=5)
+            thread.join(timeout=10)
+        self.link.stop()
         self.host.close_all()
 
     def run_until(self, stop: threading.Event) -> None:

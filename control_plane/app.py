@@ -183,7 +183,8 @@ def _start_broker(settings: ServerSettings, stack: ExitStack) -> tuple[str, int,
             max_packet_size_bytes=max(
                 BrokerSettings().max_packet_size_bytes, settings.max_chunk_bytes + HEADER_BYTES + _PACKET_SLACK_BYTES
             ),
-        )
+        ),
+        kind=settings.embedded_broker_kind,
     )
     stack.callback(broker.stop)
     log.info("embedded %s broker on %s:%d", broker.kind, broker.host, broker.port)

@@ -50,22 +50,22 @@ def _table(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> Non
 
 @app.command()
 def server(
-    data_dir: Annotated[Path, typer.Option(envvar="EDGEFLEET_DATA_DIR", help="State, keys and bundles.")] = Path(
-        ".edgefleet"
-    ),
+    data_dir: Annotated[Path | None, typer.Option(help="State, keys, bundles. [env EDGEFLEET_DATA_DIR]")] = None,
     host: Annotated[str, typer.Option(help="API listen address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="API port.")] = 8700,
     database_url: Annotated[
-        str | None,
-        typer.Option(envvar="EDGEFLEET_DATABASE_URL", help="SQLAlchemy URL; default SQLite in the data dir."),
+        str | None, typer.Option(help="SQLAlchemy URL; default SQLite in the data dir. [env EDGEFLEET_DATABASE_URL]")
     ] = None,
     broker_host: Annotated[
         str | None,
-        typer.Option(envvar="EDGEFLEET_BROKER_HOST", help="External MQTT broker; omit to start an embedded one."),
+        typer.Option(help="External MQTT broker; omit to start an embedded one. [env EDGEFLEET_BROKER_HOST]"),
     ] = None,
     broker_port: Annotated[
-        int, typer.Option(envvar="EDGEFLEET_BROKER_PORT", help="Broker port (embedded: 0 picks a free one).")
-    ] = 1883,
+        int | None, typer.Option(help="Broker port (embedded: default any free port). [env EDGEFLEET_BROKER_PORT]")
+    ] = None,
+    embedded_broker: Annotated[
+        str | None, typer.Option(help="auto (mosquitto if installed, else amqtt), mosquitto or amqtt.")
+    ] = None,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Run the control plane (REST API + MQTT bridge; embedded broker unless --broker-host)."""
@@ -77,14 +77,18 @@ def server(
     from control_plane.settings import ServerSettings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = ServerSettings(
-        data_dir=data_dir.resolve(),
-        database_url=database_url or "",
-        api_host=host,
-        api_port=port,
-        broker_host=broker_host,
-        broker_port=broker_port if broker_host else (broker_port if broker_port != 1883 else 0),
-    )
+    try:
+        settings = ServerSettings.from_env(
+            data_dir=data_dir.resolve() if data_dir else None,
+            database_url=database_url,
+            api_host=host,
+            api_port=port,
+            broker_host=broker_host,
+            broker_port=broker_port,
+            embedded_broker_kind=embedded_broker,
+        )
+    except EdgefleetError as exc:
+        raise _fail(exc) from exc
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower(), access_log=False)
 
 
@@ -205,11 +209,12 @@ def deployments_list(
 def demo(
     workdir: Annotated[Path | None, typer.Option(help="Keep everything here instead of a temp dir.")] = None,
     agents: Annotated[int, typer.Option(min=1, max=8, help="How many agents to start.")] = 2,
+    embedded_broker: Annotated[str, typer.Option(help="auto, mosquitto or amqtt.")] = "auto",
 ) -> None:
     """End to end on one machine: broker, control plane, agents, two real models, inference checks."""
     from control_plane.demo import run_demo
 
-    raise typer.Exit(run_demo(workdir=workdir, n_agents=agents, console=console))
+    raise typer.Exit(run_demo(workdir=workdir, n_agents=agents, console=console, embedded_broker=embedded_broker))
 
 
 def main() -> None:

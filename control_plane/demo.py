@@ -56,18 +56,18 @@ def v2_infer(http: httpx.Client, api_url: str, model: str, x: np.ndarray) -> np.
     return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
 
 
-def run_demo(*, workdir: Path | None, n_agents: int, console: Console) -> int:
+def run_demo(*, workdir: Path | None, n_agents: int, console: Console, embedded_broker: str = "auto") -> int:
     """Run the demo; return the process exit code."""
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="edgefleet-demo-") as tmp:
-            return _run(Path(tmp), n_agents, console)
+            return _run(Path(tmp), n_agents, console, embedded_broker)
     workdir.mkdir(parents=True, exist_ok=True)
-    return _run(workdir.resolve(), n_agents, console)
+    return _run(workdir.resolve(), n_agents, console, embedded_broker)
 
 
-def _run(workdir: Path, n_agents: int, console: Console) -> int:
+def _run(workdir: Path, n_agents: int, console: Console, embedded_broker: str) -> int:
     started = time.monotonic()
-    fleet = LocalFleet(workdir)
+    fleet = LocalFleet(workdir, embedded_broker=embedded_broker)
     failures: list[str] = []
     rows: list[tuple[str, ...]] = []
     try:

@@ -607,9 +607,13 @@ def start_amqtt(settings: BrokerSettings, ready_timeout_s: float = 10.0) -> Amqt
     return handle
 
 
-def start_embedded_broker(settings: BrokerSettings, ready_timeout_s: float = 10.0) -> BrokerHandle:
-    """Start mosquitto if it is installed, else amqtt."""
+def start_embedded_broker(settings: BrokerSettings, ready_timeout_s: float = 10.0, kind: str = "auto") -> BrokerHandle:
+    """Start mosquitto if it is installed, else amqtt (``kind`` "mosquitto"/"amqtt" forces one)."""
+    if kind == "amqtt":
+        return start_amqtt(settings, ready_timeout_s=ready_timeout_s)
     binary = find_mosquitto()
+    if kind == "mosquitto" and binary is None:
+        raise BrokerError("mosquitto was asked for but is not installed (apt-get install mosquitto)")
     if binary is not None:
         return start_mosquitto(settings, binary=binary, ready_timeout_s=ready_timeout_s)
     log.warning("mosquitto not found; falling back to amqtt (in-memory: a restart loses retained messages)")

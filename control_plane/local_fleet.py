@@ -98,6 +98,7 @@ class LocalFleet:
     workdir: Path
     broker_host: str | None = None  # None: the control plane starts its embedded broker
     broker_port: int = 0
+    embedded_broker: str = "auto"  # with broker_host None: auto | mosquitto | amqtt
     control_plane: ManagedProcess | None = None
     api_url: str = ""
     agents: dict[str, AgentProcess] = field(default_factory=dict)
@@ -120,6 +121,8 @@ class LocalFleet:
         ]
         if self.broker_host is not None:
             args += ["--broker-host", self.broker_host, "--broker-port", str(self.broker_port)]
+        else:
+            args += ["--embedded-broker", self.embedded_broker]
         self.control_plane = spawn("control-plane", args, self.workdir / "logs" / "control-plane.log")
         self.api_url = f"http://127.0.0.1:{port}"
         client = EdgefleetClient(self.api_url)

@@ -33,6 +33,8 @@ class ServerSettings:
         broker_host: MQTT broker to connect to; ``None`` starts the embedded broker.
         broker_port: Broker port; with ``broker_host=None``, ``None`` picks a free port for the
             embedded broker; with a broker host, ``None`` means 1883.
+        embedded_broker_kind: Which embedded broker to start: ``auto`` (Mosquitto when its
+            binary is installed, else the in-process-style amqtt), ``mosquitto`` or ``amqtt``.
         broker_username: MQTT user name, if the broker requires one.
         broker_password: MQTT password, if the broker requires one.
         client_id_suffix: Appended to the MQTT client id ``edgefleet-control-plane``; each
@@ -57,6 +59,7 @@ class ServerSettings:
     api_port: int = 8700
     broker_host: str | None = None
     broker_port: int | None = None
+    embedded_broker_kind: str = "auto"  # auto (mosquitto if installed, else amqtt) | mosquitto | amqtt
     broker_username: str | None = None
     broker_password: str | None = None
     client_id_suffix: str = ""
@@ -83,6 +86,10 @@ class ServerSettings:
             raise ConfigError(f"api_port must be in 1..65535, got {self.api_port}")
         if self.broker_port is not None and not 0 <= self.broker_port <= 65535:
             raise ConfigError(f"broker_port must be in 0..65535, got {self.broker_port}")
+        if self.embedded_broker_kind not in ("auto", "mosquitto", "amqtt"):
+            raise ConfigError(
+                f"embedded_broker_kind must be auto, mosquitto or amqtt, got {self.embedded_broker_kind!r}"
+            )
         if self.broker_host is not None and self.broker_port == 0:
             raise ConfigError("broker_port 0 (any free port) only makes sense for the embedded broker")
         for name in ("desired_state_ttl_s", "resign_interval_s", "broker_connect_timeout_s"):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def _processes_mentioning(text: str) -> list[str]:
     found = []
@@ -22,10 +24,12 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_demo_passes_and_leaves_no_process_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize("broker", ["mosquitto", "amqtt"])
+def test_demo_passes_and_leaves_no_process_behind(tmp_path: Path, broker: str) -> None:
+    """Both embedded brokers: Mosquitto when installed, amqtt on a machine without it."""
     workdir = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "control_plane", "demo", "--workdir", str(workdir)],
+        [sys.executable, "-m", "control_plane", "demo", "--workdir", str(workdir), "--embedded-broker", broker],
         capture_output=True,
         text=True,
         timeout=240,
@@ -34,6 +38,7 @@ def test_demo_passes_and_leaves_no_process_behind(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "demo passed" in output
+    assert f"{broker} broker on 127.0.0.1" in output
     # Both models on both agents were checked against the runtimes.
     assert output.count("ok") >= 4, output
     assert _processes_mentioning(str(workdir)) == []
