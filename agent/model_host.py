@@ -10,6 +10,8 @@ import threading
 
 from agent.runtimes import LoadedModel
 
+RETIRE_GRACE_S = 5.0  # seconds an old model stays open after a swap
+
 
 class ModelHost:
     """Implements the inference API's ``ModelRegistry``: one serving version per model name."""
@@ -40,6 +42,12 @@ class ModelHost:
                 models[name] = model
             self._models = models
             return old
+
+    def retire(self, model: LoadedModel, grace_s: float = RETIRE_GRACE_S) -> None:
+        """Close a swapped-out model after ``grace_s``, so requests that already hold it finish."""
+        timer = threading.Timer(grace_s, model.close)
+        timer.daemon = True
+        timer.start()
 
     def close_all(self) -> None:
         """Unload everything (agent shutdown)."""

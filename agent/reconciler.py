@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config import AgentConfig
 from agent.deployment import RECOVERY, Event, Recovery, State, advance
+from agent.faults import pause_point
 from agent.model_host import ModelHost
 from agent.runtimes import LoadedModel, RuntimeOptions, load_model
 from agent.state_store import ActiveModel, InProgress, StateStore
@@ -259,6 +260,7 @@ class Reconciler:
         progress = InProgress(**{**_fields(progress), "state": step.state.value})
         # Persisted before the step runs: this is what recovery reads after a crash.
         self._store.update(in_progress=progress)
+        pause_point(progress.state)
         return progress
 
     def _download(self, directive: ModelDirective) -> Path:
@@ -329,7 +331,7 @@ class Reconciler:
         self._store.update(active={**self._store.state.active, new.name: new})
         old = self._host.swap(new.name, model)
         if old is not None:
-            old.close()
+            self._host.retire(old)
         return model
 
     def _health_check(self, model: LoadedModel) -> None:
@@ -357,6 +359,7 @@ class Reconciler:
         progress = InProgress(**{**_fields(progress), "state": step.state.value})
         if step.state is State.ROLLING_BACK:
             self._store.update(in_progress=progress)
+            pause_point(progress.state)
             outcome = self._roll_back(progress)
         else:
             assert step.outcome is not None
@@ -377,7 +380,7 @@ class Reconciler:
             self._store.update(active=active)
             old = self._host.swap(progress.name, None)
             if old is not None:
-                old.close()
+                self._host.retire(old)
             return Outcome.FAILED_UNABLE_TO_ROLL_BACK
         active = {k: v for k, v in self._store.state.active.items() if k != progress.name}
         if previous is not None:
@@ -385,7 +388,7 @@ class Reconciler:
         self._store.update(active=active)
         old = self._host.swap(progress.name, model)
         if old is not None:
-            old.close()
+            self._host.retire(old)
         return Outcome.FAILED_ROLLED_BACK
 
     def _finish(self, progress: InProgress, outcome: Outcome, code: str = "", message: str = "") -> None:
@@ -412,7 +415,7 @@ class Reconciler:
         self._store.update(active=active)
         old = self._host.swap(name, None)
         if old is not None:
-            old.close()
+            self._host.retire(old)
         log.info("model %s removed (no longer desired)", name)
 
     def _prune_slots(self, name: str, keep: set[str]) -> None:

@@ -97,6 +97,10 @@ class EdgefleetClient:
         params = {k: v for k, v in (("device", device), ("model", model)) if v}
         return self._call("GET", "/api/v1/deployments", params=params)
 
+    def deployment(self, deployment_id: int) -> dict[str, Any]:
+        """One deployment by id."""
+        return self._call("GET", f"/api/v1/deployments/{deployment_id}")
+
     def devices(self) -> list[dict[str, Any]]:
         """Every known device."""
         return self._call("GET", "/api/v1/devices")
@@ -108,12 +112,15 @@ class EdgefleetClient:
     def wait_for_deployments(self, ids: list[int], *, timeout_s: float = 60.0, poll_s: float = 0.2) -> list[dict]:
         """Poll until the deployments ``ids`` leave "pending"; return them. TransferError on timeout."""
         deadline = time.monotonic() + timeout_s
+        done: dict[int, dict[str, Any]] = {}
         while True:
-            current = {d["id"]: d for d in self.deployments()}
-            done = [current[i] for i in ids if i in current and current[i]["status"] != "pending"]
+            for i in ids:
+                if i not in done:
+                    deployment = self.deployment(i)
+                    if deployment["status"] != "pending":
+                        done[i] = deployment
             if len(done) == len(ids):
-                return done
+                return [done[i] for i in ids]
             if time.monotonic() > deadline:
-                pending = [i for i in ids if current.get(i, {}).get("status", "pending") == "pending"]
-                raise TransferError(f"deployments {pending} still pending after {timeout_s:.0f} s")
+                raise TransferError(f"deployments {sorted(set(ids) - set(done))} still pending after {timeout_s:.0f} s")
             time.sleep(poll_s)

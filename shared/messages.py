@@ -11,6 +11,7 @@ The desired state is the only message that needs a signature: it travels inside 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -50,36 +51,106 @@ class Outcome(StrEnum):
     REJECTED = "rejected"
 
 
+MAX_URLS = 4  # count, download locations per bundle
+_URL_RE = re.compile(r"^https?://[^\s]{1,2000}\Z")
+
+
+def _urls(raw: dict[str, Any], what: str) -> tuple[str, ...]:
+    if "urls" not in raw:
+        return ()
+    urls = get_list(raw, "urls", what, max_items=MAX_URLS)
+    if not all(isinstance(u, str) and _URL_RE.match(u) for u in urls):
+        raise MessageError(f"{what}.urls: expected http(s) URLs")
+    return tuple(urls)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShadowDirective:
+    """A candidate version that runs beside the serving one on sampled inputs; never served."""
+
+    version: str
+    bundle_digest: str
+    bundle_size: int
+    runtime: str
+    sample_rate: float  # fraction of requests mirrored to the candidate, (0, 1]
+    urls: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "version": self.version,
+            "bundle_digest": self.bundle_digest,
+            "bundle_size": self.bundle_size,
+            "runtime": self.runtime,
+            "sample_rate": self.sample_rate,
+        }
+        if self.urls:
+            out["urls"] = list(self.urls)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: object) -> ShadowDirective:
+        what = "desired.models[].shadow"
+        if not isinstance(raw, dict):
+            raise MessageError(f"{what}: expected an object")
+        check_keys(raw, what, {"version", "bundle_digest", "bundle_size", "runtime", "sample_rate"}, {"urls"})
+        rate = get_float(raw, "sample_rate", what)
+        if not 0.0 < rate <= 1.0:
+            raise MessageError(f"{what}.sample_rate: must be in (0, 1], got {rate}")
+        return cls(
+            version=get_str(raw, "version", what, pattern=VERSION_RE),
+            bundle_digest=get_str(raw, "bundle_digest", what, pattern=DIGEST_RE),
+            bundle_size=get_int(raw, "bundle_size", what, minimum=1),
+            runtime=get_str(raw, "runtime", what, max_len=32),
+            sample_rate=rate,
+            urls=_urls(raw, what),
+        )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelDirective:
-    """One model the device must serve: exactly this bundle."""
+    """One model the device must serve: exactly this bundle, optionally with a shadow candidate.
+
+    ``urls`` are optional HTTP(S) locations of the same bundle (range requests); without them the
+    agent fetches it in chunks over MQTT. Either way the bytes must hash to ``bundle_digest``.
+    """
 
     name: str
     version: str
     bundle_digest: str
     bundle_size: int
     runtime: str
+    urls: tuple[str, ...] = ()
+    shadow: ShadowDirective | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "version": self.version,
             "bundle_digest": self.bundle_digest,
             "bundle_size": self.bundle_size,
             "runtime": self.runtime,
         }
+        if self.urls:
+            out["urls"] = list(self.urls)
+        if self.shadow is not None:
+            out["shadow"] = self.shadow.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, raw: object) -> ModelDirective:
         if not isinstance(raw, dict):
             raise MessageError("desired.models[]: expected an object")
-        check_keys(raw, "desired.models[]", {"name", "version", "bundle_digest", "bundle_size", "runtime"})
+        check_keys(
+            raw, "desired.models[]", {"name", "version", "bundle_digest", "bundle_size", "runtime"}, {"urls", "shadow"}
+        )
         return cls(
             name=get_str(raw, "name", "desired.models[]", pattern=NAME_RE),
             version=get_str(raw, "version", "desired.models[]", pattern=VERSION_RE),
             bundle_digest=get_str(raw, "bundle_digest", "desired.models[]", pattern=DIGEST_RE),
             bundle_size=get_int(raw, "bundle_size", "desired.models[]", minimum=1),
             runtime=get_str(raw, "runtime", "desired.models[]", max_len=32),
+            urls=_urls(raw, "desired.models[]"),
+            shadow=ShadowDirective.from_dict(raw["shadow"]) if raw.get("shadow") is not None else None,
         )
 
 
@@ -92,6 +163,13 @@ class DesiredState:
     issued_at: float
     expires_at: float
     models: tuple[ModelDirective, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Refuse to build (and so to sign) what every agent would refuse to decode.
+        if len(self.models) > MAX_MODELS:
+            raise MessageError(f"desired state: {len(self.models)} models, at most {MAX_MODELS}")
+        if len({m.name for m in self.models}) != len(self.models):
+            raise MessageError("desired.models: a model name appears twice")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -112,8 +190,6 @@ class DesiredState:
         check_schema(raw, "desired", 1)
         check_keys(raw, "desired", {"schema", "device_id", "sequence", "issued_at", "expires_at", "models"})
         models = tuple(ModelDirective.from_dict(m) for m in get_list(raw, "models", "desired", max_items=MAX_MODELS))
-        if len({m.name for m in models}) != len(models):
-            raise MessageError("desired.models: a model name appears twice")
         return cls(
             device_id=get_str(raw, "device_id", "desired", pattern=DEVICE_ID_RE),
             sequence=get_int(raw, "sequence", "desired", minimum=1),
@@ -196,6 +272,86 @@ class ModelReport:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ShadowReport:
+    """How a shadow candidate compares with the serving version, over the samples so far.
+
+    Agreement is top-1 (argmax of the first output) for classifiers; ``max_abs_diff`` and
+    ``mean_abs_diff`` compare the first output numerically. Rollout gates read these.
+    """
+
+    name: str
+    serving_version: str
+    version: str
+    bundle_digest: str
+    state: str  # "running" | "failed"
+    samples: int = 0
+    agreements: int = 0
+    errors: int = 0
+    mean_abs_diff: float = 0.0
+    max_abs_diff: float = 0.0
+    latency_p50_ms: float = 0.0
+    serving_latency_p50_ms: float = 0.0
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "serving_version": self.serving_version,
+            "version": self.version,
+            "bundle_digest": self.bundle_digest,
+            "state": self.state,
+            "samples": self.samples,
+            "agreements": self.agreements,
+            "errors": self.errors,
+            "mean_abs_diff": self.mean_abs_diff,
+            "max_abs_diff": self.max_abs_diff,
+            "latency_p50_ms": self.latency_p50_ms,
+            "serving_latency_p50_ms": self.serving_latency_p50_ms,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: object) -> ShadowReport:
+        what = "reported.shadows[]"
+        if not isinstance(raw, dict):
+            raise MessageError(f"{what}: expected an object")
+        check_keys(raw, what, _SHADOW_REPORT_KEYS)
+        state = get_str(raw, "state", what, max_len=32)
+        if state not in ("running", "failed"):
+            raise MessageError(f"{what}.state: unknown state {state!r}")
+        return cls(
+            name=get_str(raw, "name", what, pattern=NAME_RE),
+            serving_version=get_str(raw, "serving_version", what, pattern=VERSION_RE),
+            version=get_str(raw, "version", what, pattern=VERSION_RE),
+            bundle_digest=get_str(raw, "bundle_digest", what, pattern=DIGEST_RE),
+            state=state,
+            message=get_str(raw, "message", what, max_len=2048),
+            **{k: get_int(raw, k, what) for k in ("samples", "agreements", "errors")},
+            **{
+                k: get_float(raw, k, what)
+                for k in ("mean_abs_diff", "max_abs_diff", "latency_p50_ms", "serving_latency_p50_ms")
+            },
+        )
+
+
+_SHADOW_REPORT_KEYS = {
+    "name",
+    "serving_version",
+    "version",
+    "bundle_digest",
+    "state",
+    "samples",
+    "agreements",
+    "errors",
+    "mean_abs_diff",
+    "max_abs_diff",
+    "latency_p50_ms",
+    "serving_latency_p50_ms",
+    "message",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ReportedState:
     """What a device runs now (``edgefleet.reported/v1``), published retained."""
 
@@ -204,24 +360,26 @@ class ReportedState:
     applied_sequence: int
     models: tuple[ModelReport, ...] = ()
     agent: dict[str, str] = field(default_factory=dict)
+    shadows: tuple[ShadowReport, ...] = ()
 
     def encode(self) -> bytes:
-        return dumps(
-            {
-                "schema": "edgefleet.reported/v1",
-                "device_id": self.device_id,
-                "ts": self.ts,
-                "applied_sequence": self.applied_sequence,
-                "models": [m.to_dict() for m in self.models],
-                "agent": dict(self.agent),
-            }
-        )
+        out: dict[str, Any] = {
+            "schema": "edgefleet.reported/v1",
+            "device_id": self.device_id,
+            "ts": self.ts,
+            "applied_sequence": self.applied_sequence,
+            "models": [m.to_dict() for m in self.models],
+            "agent": dict(self.agent),
+        }
+        if self.shadows:
+            out["shadows"] = [s.to_dict() for s in self.shadows]
+        return dumps(out)
 
     @classmethod
     def decode(cls, data: bytes) -> ReportedState:
         raw = loads_object(data, "reported", MAX_MESSAGE_BYTES)
         check_schema(raw, "reported", 1)
-        check_keys(raw, "reported", {"schema", "device_id", "ts", "applied_sequence", "models", "agent"})
+        check_keys(raw, "reported", {"schema", "device_id", "ts", "applied_sequence", "models", "agent"}, {"shadows"})
         agent = raw["agent"]
         if (
             not isinstance(agent, dict)
@@ -235,6 +393,9 @@ class ReportedState:
             applied_sequence=get_int(raw, "applied_sequence", "reported"),
             models=tuple(ModelReport.from_dict(m) for m in get_list(raw, "models", "reported", max_items=MAX_MODELS)),
             agent=dict(agent),
+            shadows=tuple(ShadowReport.from_dict(x) for x in get_list(raw, "shadows", "reported", max_items=MAX_MODELS))
+            if "shadows" in raw
+            else (),
         )
 
 
