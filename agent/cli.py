@@ -68,6 +68,35 @@ def init_config(
     typer.echo(f"wrote {path}")
 
 
+@app.command()
+def enroll(
+    server: Annotated[str, typer.Option(help="Control plane URL, e.g. https://cp.example.com.")],
+    token: Annotated[
+        str, typer.Option(envvar="EDGEFLEET_ENROLL_TOKEN", help="One-time token from `edgefleet devices enroll`.")
+    ],
+    config: Annotated[Path, typer.Option("--config", "-c", help="Where to write the agent config (TOML).")],
+    data_dir: Annotated[str, typer.Option(help="Agent state dir, relative to the config file.")] = "agent-data",
+    api_port: Annotated[int, typer.Option(help="Local inference API port (127.0.0.1).")] = 8701,
+    broker_host: Annotated[str | None, typer.Option(help="Override the broker host the control plane reports.")] = None,
+) -> None:
+    """Enroll this device: consume a one-time token, pin the keyring, write the agent config."""
+    from agent.enrollment import enroll_device, write_enrolled_config
+
+    try:
+        enrolled = enroll_device(server, token)
+    except EdgefleetError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    if broker_host:
+        enrolled = replace(enrolled, broker_host=broker_host)
+    template = AgentConfig(device_id=enrolled.device_id, data_dir=Path(data_dir), api=ApiConfig(port=api_port))
+    write_enrolled_config(enrolled, config, template)
+    typer.echo(
+        f"enrolled {enrolled.device_id}: keyring v{enrolled.keyring.version} pinned; "
+        f"start with: edgefleet-agent run --config {config}"
+    )
+
+
 def main() -> None:
     """Console entry point."""
     app()

@@ -42,14 +42,21 @@ class BrokerConfig:
     keepalive_s: int = 30
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
-    tls_ca_file: str | None = None
+    tls_ca_file: str | None = None  # verify the broker against this CA (TLS on when any tls_* is set)
+    tls_cert_file: str | None = None  # client certificate (PEM), with tls_key_file
+    tls_key_file: str | None = None  # its private key (PEM, unencrypted)
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("[broker] tls_cert_file and tls_key_file go together: set both or neither")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrustConfig:
     """Public keys pinned on the device (hex Ed25519)."""
 
-    publisher_keys: tuple[str, ...] = ()
+    pinned_keyring_file: str | None = None  # keyring pinned at enrollment (rotating trust); else static keys
+    publisher_keys: tuple[str, ...] = ()  # static mode (development): hex Ed25519 keys, no rotation
     publisher_threshold: int = 1
     online_keys: tuple[str, ...] = ()
 
@@ -66,13 +73,18 @@ class ApiConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TransferConfig:
-    """Bundle download over MQTT."""
+    """Bundle download: over MQTT in chunks, or over HTTP(S) with range requests."""
 
     chunk_size_bytes: int = 64 * 1024  # under the 128 KiB message limit common on managed brokers
     window_chunks: int = 16  # requested but not yet received; paho is slower with large windows
     chunk_timeout_s: float = 5.0  # no chunk for this long: ask again for the missing ones
     max_attempts_per_chunk: int = 20
     max_bundle_bytes: int = 2 * 1024**3
+    http_base_url: str | None = None  # the control plane, e.g. http://127.0.0.1:8700: bundles over HTTP
+    prefer_http: bool = False  # with http_base_url: fetch from it rather than in MQTT chunks
+    bandwidth_limit_bytes_per_s: int = 0  # cap on download bytes/s over HTTP and MQTT; 0 = no cap
+    http_timeout_s: float = 30.0  # connect, read and write timeout of each HTTP request
+    http_max_retries: int = 5  # failed HTTP attempts in a row (no bytes gained) before a URL is given up
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +93,37 @@ class RuntimeConfig:
 
     intra_op_threads: int = 1
     onnx_providers: tuple[str, ...] | None = None  # None: choose from what the node has
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchingConfig:
+    """Server-side dynamic batching of the local inference API (``agent/batching.py``).
+
+    Off by default: a lone request waits up to ``max_queue_delay_us`` for company, which only
+    pays off when several clients call the same model at once. It applies only to models whose
+    every input and output has a dynamic first dimension, and it assumes the model treats rows
+    independently, which the agent cannot check: ``models`` limits it to the models known to.
+    """
+
+    enabled: bool = False
+    max_batch_size: int = 32  # rows (first-dimension entries) in one model run
+    max_queue_delay_us: int = 500  # microseconds the first request of a batch waits for others
+    models: tuple[str, ...] = ()  # names of the models to batch; empty: every batchable model
+
+    def __post_init__(self) -> None:
+        """Reject sizes that make no sense (the TOML parser has already checked the types).
+
+        Raises:
+            ConfigError: If ``max_batch_size`` is under 1 or ``max_queue_delay_us`` over 10 s.
+        """
+        if self.max_batch_size < 1:
+            raise ConfigError("batching.max_batch_size must be at least 1")
+        if not 0 <= self.max_queue_delay_us <= 10_000_000:
+            raise ConfigError("batching.max_queue_delay_us must be between 0 and 10000000 (10 s)")
+
+    def applies_to(self, model_name: str) -> bool:
+        """Whether requests to ``model_name`` are batched."""
+        return self.enabled and (not self.models or model_name in self.models)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +137,7 @@ class AgentConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
     heartbeat_interval_s: float = 60.0
     health_check_timeout_s: float = 30.0
     slots_kept_per_model: int = 2  # the active slot and one to roll back to
@@ -125,6 +169,7 @@ class AgentConfig:
             "api": ApiConfig,
             "transfer": TransferConfig,
             "runtime": RuntimeConfig,
+            "batching": BatchingConfig,
         }
         values: dict[str, Any] = {"device_id": device_id, "data_dir": (base_dir / data_dir).resolve()}
         for name, kind in sections.items():
@@ -134,6 +179,11 @@ class AgentConfig:
             if key not in scalars:
                 raise ConfigError(f"unknown config key {key!r}")
             values[key] = _coerce(raw.pop(key), scalars[key].type, key)
+        trust = values["trust"]
+        if trust.pinned_keyring_file:  # relative to the config file, like data_dir
+            values["trust"] = dataclasses.replace(
+                trust, pinned_keyring_file=str((base_dir / trust.pinned_keyring_file).resolve())
+            )
         config = cls(**values)
         _check_ranges(config)
         return config

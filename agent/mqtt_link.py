@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 from agent.config import BrokerConfig
 from shared.messages import DeviceStatus
 from shared.mqtt import make_client
-from shared.topics import DEVICE_SUBSCRIBES, Leaf, device_topic
+from shared.topics import DEVICE_SUBSCRIBES, KEYRING_ROOT, KEYRING_SUBSCRIPTION, Leaf, device_topic
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,10 @@ class MqttLink:
         config: BrokerConfig,
         on_message: Callable[[Leaf, bytes], None],
         on_connected: Callable[[], None] | None = None,
+        on_keyring: Callable[[bytes], None] | None = None,
     ) -> None:
         self._device_id = device_id
+        self._on_keyring = on_keyring
         self._config = config
         self._on_message = on_message
         self._on_connected = on_connected
@@ -44,6 +46,8 @@ class MqttLink:
             username=config.username,
             password=config.password,
             tls_ca_file=config.tls_ca_file,
+            tls_cert_file=config.tls_cert_file,
+            tls_key_file=config.tls_key_file,
             reconnect_min_s=config.reconnect_min_s,
             reconnect_max_s=config.reconnect_max_s,
         )
@@ -80,7 +84,10 @@ class MqttLink:
         if reason.is_failure:
             log.warning("broker refused connection: %s", reason)
             return
-        client.subscribe([(topic, 1) for topic in self._topics])
+        subscriptions = [(topic, 1) for topic in self._topics]
+        if self._on_keyring is not None:
+            subscriptions.append((KEYRING_SUBSCRIPTION, 1))
+        client.subscribe(subscriptions)
         self.publish(
             Leaf.STATUS, DeviceStatus(device_id=self._device_id, online=True, ts=time.time()).encode(), retain=True
         )
@@ -97,9 +104,10 @@ class MqttLink:
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         leaf = self._topics.get(msg.topic)
-        if leaf is None:
-            return
         try:
-            self._on_message(leaf, msg.payload)
+            if leaf is not None:
+                self._on_message(leaf, msg.payload)
+            elif self._on_keyring is not None and msg.topic.startswith(KEYRING_ROOT + "/"):
+                self._on_keyring(msg.payload)
         except Exception:  # a bug in a handler must not kill paho's network thread
             log.exception("handler for %s failed", leaf)

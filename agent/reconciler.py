@@ -22,23 +22,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent.compatibility import check_installable, device_accelerators, device_machine, raised_floor
 from agent.config import AgentConfig
 from agent.deployment import RECOVERY, Event, Recovery, State, advance
 from agent.faults import pause_point
+from agent.http_fetch import HttpFetcher
 from agent.model_host import ModelHost
 from agent.runtimes import LoadedModel, RuntimeOptions, load_model
-from agent.state_store import ActiveModel, InProgress, StateStore
+from agent.shadow import ShadowLimits, ShadowRunner
+from agent.state_store import ActiveModel, InProgress, ShadowModel, StateStore
 from agent.transfer import Cancelled, ChunkFetcher
+from agent.trust_store import TrustStore
 from shared.bundle import BundleLimits, extract_bundle, verify_bundle
 from shared.errors import (
     BundleError,
-    DirectiveError,
     EdgefleetError,
     IncompatibleBundleError,
     InferenceError,
     MessageError,
+    SignatureError,
+    TransferError,
     TrustError,
 )
 from shared.manifest import Manifest
@@ -49,13 +53,16 @@ from shared.messages import (
     ModelDirective,
     ModelReport,
     Outcome,
+    RejectionEvent,
     ReportedState,
+    ShadowReport,
     verify_desired_state,
 )
-from shared.signing import key_id, open_envelope, public_key_from_hex
+from shared.signing import stored_envelope_payload
 from shared.topics import Leaf
 
 log = logging.getLogger(__name__)
+_UNPROVEN = (State.ACTIVATING, State.HEALTH_CHECKING, State.ROLLING_BACK)
 RETRY_DELAY_S = 5.0  # after a retryable failure (transfer), try the same desired state again
 
 
@@ -79,15 +86,18 @@ class Reconciler:
         fetcher: ChunkFetcher,
         publish: Callable[[Leaf, bytes, bool], object],
         clock: Callable[[], float] = time.time,
+        trust: TrustStore | None = None,
+        http_fetcher: HttpFetcher | None = None,
     ) -> None:
         self._config = config
         self._store = store
         self._host = host
         self._fetcher = fetcher
+        self._http_fetcher = http_fetcher  # None: bundles come only over MQTT
         self._publish = publish
         self._clock = clock
-        self._publisher_keys = _keyring(config.trust.publisher_keys)
-        self._online_keys = _keyring(config.trust.online_keys)
+        self._trust = trust if trust is not None else TrustStore(config.trust, config.data_dir, clock)
+        self._deferred_envelope: bytes | None = None  # signed under a keyring version we have not seen yet
         self._wake = threading.Event()
         self._cancel = threading.Event()
         self._offer_lock = threading.Lock()
@@ -96,6 +106,9 @@ class Reconciler:
         self._runtime_options = RuntimeOptions(
             intra_op_threads=config.runtime.intra_op_threads, providers=config.runtime.onnx_providers
         )
+        self._shadow_limits = ShadowLimits()
+        self._shadow_fetching: str | None = None  # digest of the shadow bundle being downloaded
+        self._shadows_recovered = False
         self.idle = threading.Event()  # set while nothing is left to do (tests and the demo wait on it)
 
     # -- paho thread -------------------------------------------------------------------------
@@ -104,22 +117,23 @@ class Reconciler:
         """Verify a received desired state and, if it is new, accept it and wake the worker."""
         with self._offer_lock:
             state = self._store.state
+            if _is_duplicate(envelope, state.desired_envelope):
+                return  # the retained copy of what we already accepted
             try:
                 desired = verify_desired_state(
                     envelope,
-                    trusted_keys=self._online_keys,
+                    trusted_keys=self._trust.online_keys,
                     device_id=self._config.device_id,
                     last_sequence=state.accepted_sequence,
                     now=self._clock(),
                 )
-            except DirectiveError as exc:
-                if _is_duplicate(envelope, state.desired_envelope):
-                    return  # the retained copy of what we already accepted
-                log.warning("desired state refused: %s", exc)
-                return
             except (TrustError, MessageError) as exc:
-                log.warning("desired state refused: %s", exc)
+                if isinstance(exc, SignatureError) and self._trust.keyring_version:
+                    # Perhaps signed by a rotated-in online key: retry once the keyring catches up.
+                    self._deferred_envelope = envelope
+                self._reject("desired", exc)
                 return
+            self._deferred_envelope = None
             self._store.update(desired_envelope=envelope.decode(), accepted_sequence=desired.sequence, failed={})
             log.info(
                 "accepted desired state %d: %s",
@@ -129,8 +143,33 @@ class Reconciler:
             progress = self._store.state.in_progress
             if progress is not None and not any(m.bundle_digest == progress.bundle_digest for m in desired.models):
                 self._cancel.set()
+            shadow_digests = {m.shadow.bundle_digest for m in desired.models if m.shadow is not None}
+            if self._shadow_fetching is not None and self._shadow_fetching not in shadow_digests:
+                self._cancel.set()
             self.idle.clear()
             self._wake.set()
+
+    def offer_keyring(self, data: bytes) -> None:
+        """A keyring version arrived (paho thread): accept it in order, then retry a deferred state."""
+        try:
+            changed = self._trust.offer_keyring(data)
+        except EdgefleetError as exc:
+            self._reject("keyring", exc)
+            return
+        if changed and self._deferred_envelope is not None:
+            self.offer_desired(self._deferred_envelope)
+
+    def _reject(self, subject: str, exc: EdgefleetError) -> None:
+        log.warning("%s refused: %s", subject, exc)
+        event = RejectionEvent(
+            event_id=uuid.uuid4().hex,
+            device_id=self._config.device_id,
+            ts=self._clock(),
+            subject=subject,
+            code=exc.code,
+            message=str(exc)[:2000],
+        )
+        self._publish(Leaf.EVENTS, event.encode(), False)
 
     def wake(self) -> None:
         """Wake the worker now (shutdown, tests)."""
@@ -148,6 +187,10 @@ class Reconciler:
 
     def recover(self) -> None:
         """Finish a deployment a crash interrupted, according to the recovery table."""
+        # A kill mid-extraction leaves ``<slot>.unpacking``; a restart may never redo that unpack
+        # (the desired state can move on meanwhile), so it is swept here rather than on retry.
+        for debris in self._models_dir.glob("*/*.unpacking"):
+            shutil.rmtree(debris, ignore_errors=True)
         progress = self._store.state.in_progress
         if progress is None:
             return
@@ -157,8 +200,13 @@ class Reconciler:
         )
         if action is Recovery.ROLL_BACK:
             outcome = self._roll_back(progress)
-            self._finish(progress, outcome, "agent_restarted", f"agent restarted during {progress.state}")
+            # Failed first: a crash before the report then repeats the (idempotent) rollback and
+            # reports; the other order could retry the bundle under the same desired state.
             self._store.update(failed={**self._store.state.failed, progress.name: progress.bundle_digest})
+            self._finish(progress, outcome, "agent_restarted", f"agent restarted during {progress.state}")
+        elif action is Recovery.NOTHING and self._is_active(progress):
+            # DONE is persisted only on the way to success: the report is what may be missing.
+            self._finish(progress, Outcome.SUCCEEDED)
         else:
             self._store.update(in_progress=None)
 
@@ -189,9 +237,7 @@ class Reconciler:
             self.publish_reported()
             return False
         desired = DesiredState.decode(
-            open_envelope(
-                state.desired_envelope.encode(), payload_type=DESIRED_PAYLOAD_TYPE, trusted_keys=self._online_keys
-            )
+            stored_envelope_payload(state.desired_envelope.encode(), payload_type=DESIRED_PAYLOAD_TYPE)
         )
         retry = False
         for directive in desired.models:
@@ -206,6 +252,7 @@ class Reconciler:
             retry |= self._deploy(directive, desired.sequence)
         for name in set(self._store.state.active) - {m.name for m in desired.models}:
             self._remove(name)
+        retry |= self._reconcile_shadows(desired)
         if not retry and not self._wake.is_set():
             self._store.update(applied_sequence=desired.sequence)
         self.publish_reported()
@@ -250,6 +297,9 @@ class Reconciler:
             progress = self._step(progress, Event.HEALTHY)  # -> DONE
         except _Failed as failure:
             return self._fail(progress, failure)
+        floor = raised_floor(self._store.state.floors.get(directive.name), manifest)
+        if floor is not None:
+            self._store.update(floors={**self._store.state.floors, directive.name: floor})
         if previous is not None and previous.slot != new.slot:
             self._prune_slots(directive.name, keep={new.slot, previous.slot})
         self._finish(progress, Outcome.SUCCEEDED)
@@ -264,8 +314,18 @@ class Reconciler:
         return progress
 
     def _download(self, directive: ModelDirective) -> Path:
+        """HTTP(S) when the directive has URLs or the agent prefers its control plane's; else, or
+        when every HTTP source fails, MQTT chunks (both resume from the same partial download)."""
+        digest, size = directive.bundle_digest, directive.bundle_size
         try:
-            return self._fetcher.fetch(directive.bundle_digest, directive.bundle_size, self._cancel)
+            sources = self._http_fetcher.sources(digest, directive.urls) if self._http_fetcher else ()
+            if sources:
+                assert self._http_fetcher is not None
+                try:
+                    return self._http_fetcher.fetch(digest, size, sources, self._cancel)
+                except TransferError as exc:
+                    log.warning("HTTP download of %s failed, falling back to MQTT chunks: %s", digest[:19], exc)
+            return self._fetcher.fetch(digest, size, self._cancel)
         except Cancelled as exc:
             raise _Failed(Event.SUPERSEDE, exc) from exc
         except BundleError as exc:
@@ -277,22 +337,17 @@ class Reconciler:
         try:
             manifest = verify_bundle(
                 bundle,
-                trusted_keys=self._publisher_keys,
-                threshold=self._config.trust.publisher_threshold,
+                trusted_keys=self._trust.publisher_keys,
+                threshold=self._trust.publisher_threshold,
                 limits=self._limits,
             )
-            if (manifest.name, manifest.version, manifest.runtime) != (
-                directive.name,
-                directive.version,
-                directive.runtime,
-            ):
-                raise IncompatibleBundleError(
-                    f"bundle is {manifest.name}:{manifest.version} ({manifest.runtime}), the desired state names "
-                    f"{directive.name}:{directive.version} ({directive.runtime})"
-                )
-            arches = manifest.compatibility.architectures
-            if arches and platform.machine() not in arches:
-                raise IncompatibleBundleError(f"bundle is for {list(arches)}, this device is {platform.machine()}")
+            check_installable(
+                manifest,
+                directive,
+                machine=device_machine(),
+                accelerators=device_accelerators(),
+                floor=self._store.state.floors.get(directive.name),
+            )
             return manifest
         except (TrustError, BundleError, MessageError) as exc:
             bundle.unlink(missing_ok=True)  # never keep what failed verification
@@ -301,20 +356,24 @@ class Reconciler:
             raise _Failed(Event.FAIL, exc) from exc
 
     def _stage(self, bundle: Path, directive: ModelDirective) -> Path:
-        slot = self._models_dir / directive.name / f"{directive.version}-{directive.bundle_digest[7:19]}"
+        slot = self._models_dir / directive.name / _slot_name(directive.version, directive.bundle_digest)
         if slot.exists():
+            bundle.unlink(missing_ok=True)  # e.g. killed after the unpack, before STAGED was persisted
             return slot  # staged before (e.g. a rollback target): extraction renames atomically, so it is complete
         try:
             extract_bundle(
                 bundle,
                 slot,
-                trusted_keys=self._publisher_keys,
-                threshold=self._config.trust.publisher_threshold,
+                trusted_keys=self._trust.publisher_keys,
+                threshold=self._trust.publisher_threshold,
                 limits=self._limits,
             )
         except (TrustError, BundleError) as exc:
             raise _Failed(Event.REJECT, exc) from exc
         except OSError as exc:  # disk full, permissions: nothing changed
+            # Give the space back (a full disk must not stay full because of us): a new desired
+            # state downloads again rather than finding no room to deploy anything.
+            bundle.unlink(missing_ok=True)
             raise _Failed(Event.FAIL, exc) from exc
         bundle.unlink(missing_ok=True)  # the slot holds the verified files now
         return slot
@@ -381,6 +440,7 @@ class Reconciler:
             old = self._host.swap(progress.name, None)
             if old is not None:
                 self._host.retire(old)
+            self._discard_failed_slot(progress)
             return Outcome.FAILED_UNABLE_TO_ROLL_BACK
         active = {k: v for k, v in self._store.state.active.items() if k != progress.name}
         if previous is not None:
@@ -389,7 +449,18 @@ class Reconciler:
         old = self._host.swap(progress.name, model)
         if old is not None:
             self._host.retire(old)
+        self._discard_failed_slot(progress)
         return Outcome.FAILED_ROLLED_BACK
+
+    def _discard_failed_slot(self, progress: InProgress) -> None:
+        """Remove the slot of a deployment that was rolled back: nothing serves it or rolls back to it."""
+        slot = _slot_name(progress.version, progress.bundle_digest)
+        if progress.previous is None or progress.previous.slot != slot:
+            shutil.rmtree(self._models_dir / progress.name / slot, ignore_errors=True)
+
+    def _is_active(self, progress: InProgress) -> bool:
+        active = self._store.state.active.get(progress.name)
+        return active is not None and active.bundle_digest == progress.bundle_digest
 
     def _finish(self, progress: InProgress, outcome: Outcome, code: str = "", message: str = "") -> None:
         self._store.update(in_progress=None)
@@ -420,17 +491,206 @@ class Reconciler:
 
     def _prune_slots(self, name: str, keep: set[str]) -> None:
         directory = self._models_dir / name
+        keep = keep | {s.slot for s in self._store.state.shadows.values() if s.name == name and s.slot}
         slots = sorted(
             (p for p in directory.iterdir() if p.is_dir() and p.name not in keep), key=lambda p: p.stat().st_mtime
         )
         for slot in slots[: max(0, len(slots) + len(keep) - self._config.slots_kept_per_model)]:
             shutil.rmtree(slot, ignore_errors=True)
 
+    # -- shadow candidates -------------------------------------------------------------------
+    #
+    # A shadow reuses the deployment's fetch -> verify -> stage steps, but never activates:
+    # it is loaded beside the serving model, health-checked, and attached to the model host,
+    # which mirrors sampled requests to it (agent.shadow). Its state is persisted as "loading"
+    # before each load, so a load that crashes the agent is marked failed on the next boot
+    # instead of crashing it again; a failure is not retried under the same desired state.
+
+    def _reconcile_shadows(self, desired: DesiredState) -> bool:
+        """Unload shadows no longer desired, then deploy or load the desired ones; True to retry."""
+        if not self._shadows_recovered:
+            self._recover_shadows()
+        wanted = {
+            m.name: m
+            for m in desired.models
+            # A shadow of the version now serving is a promotion: nothing left to compare.
+            if m.shadow is not None and m.shadow.bundle_digest != m.bundle_digest and m.shadow.version != m.version
+        }
+        for name, stored in list(self._store.state.shadows.items()):
+            directive = wanted.get(name)
+            if directive is None or directive.shadow is None or directive.shadow.bundle_digest != stored.bundle_digest:
+                self._unload_shadow(name)
+        retry = False
+        for name, directive in wanted.items():
+            if self._wake.is_set():
+                return False  # a newer desired state arrived: start over with it
+            if self._host.get(name) is None:
+                continue  # nothing serving to compare with (yet)
+            retry |= self._ensure_shadow(directive, desired.sequence)
+        return retry
+
+    def _recover_shadows(self) -> None:
+        """First pass after boot: a shadow still "loading" was being loaded when the agent died."""
+        self._shadows_recovered = True
+        for entry in self._store.state.shadows.values():
+            if entry.state == "loading":
+                log.error("shadow %s:%s was loading when the agent stopped", entry.name, entry.version)
+                self._put_shadow(
+                    dataclasses.replace(
+                        entry,
+                        state="failed",
+                        message="the agent stopped while loading this shadow; not retried under this desired state",
+                        failed_sequence=self._store.state.accepted_sequence,
+                    )
+                )
+
+    def _ensure_shadow(self, directive: ModelDirective, sequence: int) -> bool:
+        """Make the shadow of ``directive`` run: adjust, load from its slot, or deploy; True to retry."""
+        shadow = directive.shadow
+        assert shadow is not None
+        stored = self._store.state.shadows.get(directive.name)
+        runner = self._host.shadow(directive.name)
+        if stored is not None and stored.bundle_digest == shadow.bundle_digest:
+            if stored.state == "failed" and stored.failed_sequence == sequence:
+                return False  # already failed under this desired state: wait for a new one
+            if stored.state == "running" and runner is not None and runner.bundle_digest == stored.bundle_digest:
+                if stored.sample_rate != shadow.sample_rate:
+                    runner.set_sample_rate(shadow.sample_rate)
+                    self._put_shadow(dataclasses.replace(stored, sample_rate=shadow.sample_rate))
+                return False
+            if stored.slot:  # staged before (agent restart, or a failure retried): no download
+                entry = dataclasses.replace(stored, sample_rate=shadow.sample_rate, serving_version=directive.version)
+                return self._start_shadow(entry, sequence)
+        return self._deploy_shadow(directive, sequence)
+
+    def _deploy_shadow(self, directive: ModelDirective, sequence: int) -> bool:
+        """Fetch, verify and stage a shadow's bundle, then load it; True if a retry is due."""
+        shadow = directive.shadow
+        assert shadow is not None
+        bundle_directive = ModelDirective(
+            name=directive.name,
+            version=shadow.version,
+            bundle_digest=shadow.bundle_digest,
+            bundle_size=shadow.bundle_size,
+            runtime=shadow.runtime,
+            urls=shadow.urls,
+        )
+        entry = ShadowModel(
+            name=directive.name,
+            version=shadow.version,
+            bundle_digest=shadow.bundle_digest,
+            runtime=shadow.runtime,
+            sample_rate=shadow.sample_rate,
+            serving_version=directive.version,
+            state="loading",
+        )
+        log.info("deploying shadow %s:%s beside %s", directive.name, shadow.version, directive.version)
+        self._shadow_fetching = shadow.bundle_digest
+        try:
+            bundle = self._download(bundle_directive)
+            manifest = self._verify(bundle, bundle_directive)
+            slot = self._stage(bundle, bundle_directive)
+        except _Failed as failure:
+            return self._shadow_failed(entry, sequence, failure)
+        finally:
+            self._shadow_fetching = None
+        entry = dataclasses.replace(entry, runtime=manifest.runtime, slot=slot.name, model_file=manifest.model_file)
+        return self._start_shadow(entry, sequence)
+
+    def _start_shadow(self, entry: ShadowModel, sequence: int) -> bool:
+        """Load a staged shadow, check it against the serving model, and attach it."""
+        serving = self._host.get(entry.name)
+        if serving is None:
+            return False
+        entry = dataclasses.replace(entry, state="loading", message="", serving_version=serving.version)
+        self._put_shadow(entry)  # persisted before the load: see _recover_shadows
+        try:
+            path = self._models_dir / entry.name / entry.slot / entry.model_file
+            model = load_model(
+                entry.runtime, path, name=entry.name, version=entry.version, options=self._runtime_options
+            )
+        except (EdgefleetError, OSError) as exc:
+            return self._shadow_failed(entry, sequence, _Failed(Event.FAIL, exc))
+        try:
+            if model.inputs != serving.inputs:
+                raise _Failed(
+                    Event.REJECT,
+                    IncompatibleBundleError(
+                        f"shadow inputs {[s.to_dict() for s in model.inputs]} differ from the serving "
+                        f"model's {[s.to_dict() for s in serving.inputs]}"
+                    ),
+                )
+            self._health_check(model)
+        except _Failed as failure:
+            model.close()
+            return self._shadow_failed(entry, sequence, failure)
+        runner = ShadowRunner(
+            model, bundle_digest=entry.bundle_digest, sample_rate=entry.sample_rate, limits=self._shadow_limits
+        )
+        old = self._host.attach_shadow(entry.name, runner)
+        if old is not None:
+            old.close()
+        self._put_shadow(dataclasses.replace(entry, state="running"))
+        log.info("shadow %s:%s running beside %s", entry.name, entry.version, serving.version)
+        return False  # reconcile_once publishes the reported state with it
+
+    def _shadow_failed(self, entry: ShadowModel, sequence: int, failure: _Failed) -> bool:
+        """Record why a shadow could not run (reported as "failed"); True if a retry is due."""
+        cause = failure.cause
+        if failure.event is Event.SUPERSEDE:
+            return False  # a newer desired state arrived during the download
+        if failure.event is Event.FAIL and isinstance(cause, EdgefleetError) and cause.retryable:
+            log.warning("shadow %s:%s: %s (will retry)", entry.name, entry.version, cause)
+            return True
+        code = cause.code if isinstance(cause, EdgefleetError) else type(cause).__name__
+        log.warning("shadow %s:%s failed: %s", entry.name, entry.version, cause)
+        self._put_shadow(
+            dataclasses.replace(entry, state="failed", message=f"{code}: {cause}"[:2000], failed_sequence=sequence)
+        )
+        return False
+
+    def _unload_shadow(self, name: str) -> None:
+        """Stop and forget the shadow of ``name`` (its slot is left for pruning)."""
+        runner = self._host.detach_shadow(name)
+        if runner is not None:
+            runner.close()
+        shadows = dict(self._store.state.shadows)
+        removed = shadows.pop(name, None)
+        self._store.update(shadows=shadows)
+        if removed is not None:
+            log.info("shadow %s:%s unloaded (no longer desired)", name, removed.version)
+
+    def _put_shadow(self, entry: ShadowModel) -> None:
+        self._store.update(shadows={**self._store.state.shadows, entry.name: entry})
+
+    def _shadow_report(self, entry: ShadowModel) -> ShadowReport | None:
+        if entry.state == "failed":
+            return ShadowReport(
+                name=entry.name,
+                serving_version=entry.serving_version,
+                version=entry.version,
+                bundle_digest=entry.bundle_digest,
+                state="failed",
+                message=entry.message,
+            )
+        runner = self._host.shadow(entry.name)
+        if runner is None or runner.bundle_digest != entry.bundle_digest:
+            return None  # not loaded yet
+        return runner.report()
+
     # -- reporting ---------------------------------------------------------------------------
 
     def reported_state(self) -> ReportedState:
         """What this device runs now."""
         state = self._store.state
+        progress = state.in_progress
+        # A model between activation and a passed health check is live but unproven, and the
+        # control plane takes "serving" as success: leave it out until the deployment ends.
+        unproven = (
+            (progress.name, progress.bundle_digest)
+            if progress is not None and State(progress.state) in _UNPROVEN
+            else None
+        )
         models = tuple(
             ModelReport(
                 name=a.name,
@@ -440,13 +700,16 @@ class Reconciler:
                 state="serving" if self._host.get(a.name, a.version) is not None else "failed",
             )
             for a in state.active.values()
+            if (a.name, a.bundle_digest) != unproven
         )
+        shadows = tuple(r for r in map(self._shadow_report, state.shadows.values()) if r is not None)
         return ReportedState(
             device_id=self._config.device_id,
             ts=self._clock(),
             applied_sequence=state.applied_sequence,
             models=models,
             agent={"version": _agent_version(), "arch": platform.machine(), "python": platform.python_version()},
+            shadows=shadows,
         )
 
     def publish_reported(self) -> None:
@@ -454,9 +717,9 @@ class Reconciler:
         self._publish(Leaf.REPORTED, self.reported_state().encode(), True)
 
 
-def _keyring(hex_keys: tuple[str, ...]) -> dict[str, Ed25519PublicKey]:
-    keys = [public_key_from_hex(k) for k in hex_keys]
-    return {key_id(k): k for k in keys}
+def _slot_name(version: str, bundle_digest: str) -> str:
+    """The directory under ``models/<name>/`` a bundle is unpacked into."""
+    return f"{version}-{bundle_digest[7:19]}"
 
 
 def _fields(progress: InProgress) -> dict[str, object]:

@@ -14,7 +14,9 @@ from collections.abc import Mapping
 import numpy as np
 import uvicorn
 
+from agent.bandwidth import BandwidthLimiter
 from agent.config import AgentConfig
+from agent.http_fetch import HttpFetcher
 from agent.inference_api import create_inference_app
 from agent.model_host import ModelHost
 from agent.mqtt_link import MqttLink
@@ -36,9 +38,23 @@ class Agent:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = StateStore(config.data_dir)
         self.host = ModelHost()
-        self.link = MqttLink(config.device_id, config.broker, self._on_message, on_connected=self._on_connected)
-        self.fetcher = ChunkFetcher(config.data_dir / "downloads", config.transfer, self._request_chunks)
-        self.reconciler = Reconciler(config, self.store, self.host, self.fetcher, self._publish)
+        self.link = MqttLink(
+            config.device_id,
+            config.broker,
+            self._on_message,
+            on_connected=self._on_connected,
+            on_keyring=self._on_keyring,
+        )
+        downloads = config.data_dir / "downloads"
+        # One cap for the device, whichever way a bundle comes in.
+        limiter = BandwidthLimiter(config.transfer.bandwidth_limit_bytes_per_s)
+        self.fetcher = ChunkFetcher(
+            downloads, config.transfer, self._request_chunks, limiter=limiter, link_up=self.link.connected
+        )
+        self.http_fetcher = HttpFetcher(downloads, config.transfer, limiter=limiter)
+        self.reconciler = Reconciler(
+            config, self.store, self.host, self.fetcher, self._publish, http_fetcher=self.http_fetcher
+        )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._api_server: uvicorn.Server | None = None
@@ -118,6 +134,9 @@ class Agent:
             self.reconciler.offer_desired(payload)
         elif leaf is Leaf.CHUNK_DATA:
             self.fetcher.on_message(payload)
+
+    def _on_keyring(self, payload: bytes) -> None:
+        self.reconciler.offer_keyring(payload)
 
     def _on_connected(self) -> None:
         self.reconciler.publish_reported()

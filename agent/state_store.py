@@ -2,7 +2,9 @@
 
 It holds the last accepted desired state (so a restart resumes it without a replay from the
 broker), the sequence fully applied, the active slot of each model, and the deployment in
-progress with its state-machine state (persisted *before* the step it names runs).
+progress with its state-machine state (persisted *before* the step it names runs), and the
+shadow candidate of each model (persisted as "loading" before it is loaded, so a load that
+crashes the agent is not tried again on boot).
 """
 
 from __future__ import annotations
@@ -71,6 +73,38 @@ class InProgress:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ShadowModel:
+    """A shadow candidate beside a serving model: loaded and fed sampled inputs, never served."""
+
+    name: str
+    version: str
+    bundle_digest: str
+    runtime: str
+    sample_rate: float
+    serving_version: str  # the serving version it was deployed beside
+    state: str  # "loading" (persisted before the load) | "running" | "failed"
+    slot: str = ""  # directory name under models/<name>/; "" until staged
+    model_file: str = ""
+    message: str = ""  # why it failed
+    failed_sequence: int = 0  # the accepted desired-state sequence it failed under (not retried there)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "bundle_digest": self.bundle_digest,
+            "runtime": self.runtime,
+            "sample_rate": self.sample_rate,
+            "serving_version": self.serving_version,
+            "state": self.state,
+            "slot": self.slot,
+            "model_file": self.model_file,
+            "message": self.message,
+            "failed_sequence": self.failed_sequence,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AgentState:
     """Everything the agent must remember across restarts."""
 
@@ -80,6 +114,8 @@ class AgentState:
     active: dict[str, ActiveModel] = field(default_factory=dict)
     in_progress: InProgress | None = None
     failed: dict[str, str] = field(default_factory=dict)  # model name -> digest that failed at accepted_sequence
+    shadows: dict[str, ShadowModel] = field(default_factory=dict)  # model name -> its shadow candidate
+    floors: dict[str, str] = field(default_factory=dict)  # model name -> lowest version still installable
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +126,8 @@ class AgentState:
             "active": {k: v.to_dict() for k, v in sorted(self.active.items())},
             "in_progress": self.in_progress.to_dict() if self.in_progress else None,
             "failed": dict(self.failed),
+            "shadows": {k: v.to_dict() for k, v in sorted(self.shadows.items())},
+            "floors": dict(self.floors),
         }
 
     @classmethod
@@ -108,6 +146,8 @@ class AgentState:
                 **{**progress, "previous": ActiveModel(**progress["previous"]) if progress["previous"] else None}
             ),
             failed=dict(raw.get("failed", {})),
+            floors=dict(raw.get("floors", {})),
+            shadows={k: ShadowModel(**v) for k, v in raw.get("shadows", {}).items()},
         )
 
 

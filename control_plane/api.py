@@ -7,6 +7,7 @@ Errors are ``{"detail": {"code", "message", "retryable"}}`` (see :func:`edgeflee
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +17,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, or_, select
 from starlette.concurrency import run_in_threadpool
 
 from control_plane.bundle_store import normalize_digest
@@ -34,10 +35,13 @@ from control_plane.tables import (
     DevicePublic,
     ModelVersion,
     ModelVersionPublic,
+    ShadowAssignment,
+    ShadowCreate,
+    ShadowPublic,
     utcnow,
 )
 from control_plane.uploads import FILE_FIELD, receive_upload
-from control_plane.views import deployment_public, device_public, model_version_public
+from control_plane.views import deployment_public, device_public, device_shadows_public, model_version_public
 from shared.errors import EdgefleetError, MessageError, NotFoundError
 from shared.strict import DEVICE_ID_RE
 
@@ -79,6 +83,7 @@ class Info(BaseModel):
     version: str
     broker: BrokerAddress
     keys: PublicKeys
+    keyring_version: int = 0
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -145,11 +150,19 @@ def healthz(cp: ControlPlaneDep) -> Health:
 @router.get("/info", response_model=Info, tags=["info"])
 def info(cp: ControlPlaneDep) -> Info:
     """Server version, the broker agents connect to, and the public keys they pin at enrollment."""
-    keys = cp.keys.public_keys()
+    if cp.keyring is not None:
+        current = cp.keyring.current
+        keys = {
+            "publisher": [k.public_bytes_raw().hex() for k in current.publisher_keys.values()],
+            "online": [k.public_bytes_raw().hex() for k in current.online_keys.values()],
+        }
+    else:
+        keys = cp.keys.public_keys()
     return Info(
         version=_package_version(),
         broker=BrokerAddress(host=cp.broker_host, port=cp.broker_port, kind=cp.broker_kind),
         keys=PublicKeys(publisher=keys["publisher"], online=keys["online"]),
+        keyring_version=cp.keyring.current.version if cp.keyring is not None else 0,
     )
 
 
@@ -201,6 +214,7 @@ def _publish(
             runtime=runtime,
             description=description,
             labels=labels,
+            trusted_keys=cp.keyring.publisher_keys() if cp.keyring else None,
         )
         return model_version_public(row)
 
@@ -354,7 +368,86 @@ def get_deployment(deployment_id: int, session: SessionDep) -> DeploymentPublic:
     return deployment_public(row)
 
 
+@router.post(
+    "/shadows",
+    response_model=list[ShadowPublic],
+    status_code=status.HTTP_201_CREATED,
+    responses=_errors(400, 404, 409),
+    tags=["shadows"],
+)
+def create_shadows(body: ShadowCreate, session: SessionDep, cp: ControlPlaneDep) -> list[ShadowPublic]:
+    """Run a candidate version beside the serving one on devices, on sampled inputs; never served.
+
+    The candidate must take the same inputs as each device's serving version (400), every device
+    must already run the model (409) at another version (409). A shadow of the model already on
+    a device is replaced. Deploying the candidate's version later promotes it and drops the shadow.
+    """
+    rows = cp.desired.set_shadow(session, body.devices, body.model, body.version, body.sample_rate, now=cp.clock())
+    return _shadow_rows(session, [r.device_id for r in rows], body.model)
+
+
+@router.get("/shadows", response_model=list[ShadowPublic], tags=["shadows"])
+def list_shadows(
+    session: SessionDep,
+    model: str | None = None,
+    device: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Devices per page.")] = 1000,
+    offset: Annotated[int, Query(ge=0, description="Devices to skip.")] = 0,
+) -> list[ShadowPublic]:
+    """Shadows asked for or still reported, per device and model, with each device's latest report.
+
+    Paged by device (``limit`` and ``offset`` count devices); ordered by device, then model.
+    """
+    query = (
+        select(Device.id)
+        .where(
+            or_(
+                col(Device.id).in_(select(ShadowAssignment.device_id)),
+                # Reported states are stored as compact JSON; the key appears only when non-empty.
+                col(Device.reported_json).contains('"shadows":'),
+            )
+        )
+        .order_by(col(Device.id))
+        .offset(offset)
+        .limit(limit)
+    )
+    if device is not None:
+        query = query.where(Device.id == device)
+    return _shadow_rows(session, list(session.exec(query).all()), model)
+
+
+@router.delete(
+    "/shadows/{model_name}", status_code=status.HTTP_204_NO_CONTENT, responses=_errors(404), tags=["shadows"]
+)
+def delete_shadows(
+    model_name: str,
+    device: Annotated[list[str], Query(description="Device id; repeatable.")],
+    session: SessionDep,
+    cp: ControlPlaneDep,
+) -> Response:
+    """Stop the shadow of a model on devices (a new desired state without it is published)."""
+    changed = cp.desired.clear_shadow(session, device, model_name, now=cp.clock())
+    if not changed:
+        raise NotFoundError(f"no shadow of model {model_name!r} on device(s) {device[:10]}")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _shadow_rows(session: Session, device_ids: list[str], model: str | None) -> list[ShadowPublic]:
+    if not device_ids:
+        return []
+    devices = session.exec(select(Device).where(col(Device.id).in_(device_ids)).order_by(col(Device.id))).all()
+    assignments: defaultdict[str, list[Assignment]] = defaultdict(list)
+    for a in session.exec(select(Assignment).where(col(Assignment.device_id).in_(device_ids))).all():
+        assignments[a.device_id].append(a)
+    shadows: defaultdict[str, list[ShadowAssignment]] = defaultdict(list)
+    for s in session.exec(select(ShadowAssignment).where(col(ShadowAssignment.device_id).in_(device_ids))).all():
+        shadows[s.device_id].append(s)
+    rows = [row for d in devices for row in device_shadows_public(d, assignments[d.id], shadows[d.id])]
+    return [row for row in rows if model is None or row.model_name == model]
+
 
 
 def _assignments(session: Session, device_id: str) -> list[Assignment]:

@@ -27,11 +27,13 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from control_plane.api import edgefleet_error_handler, health_router, router, validation_error_handler
+from control_plane.api_trust import router as trust_router
 from control_plane.bundle_store import BundleStore
 from control_plane.db import create_db_engine, create_tables
 from control_plane.deps import ControlPlane
 from control_plane.desired_states import DesiredStateService
 from control_plane.ingest import Ingestor
+from control_plane.keyring_service import KeyringService
 from control_plane.keys import load_or_create_keys
 from control_plane.mqtt_bridge import BrokerConnection, MqttBridge
 from control_plane.settings import ServerSettings
@@ -82,6 +84,7 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], float] = time.ti
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.include_router(health_router)
     app.include_router(router)
+    app.include_router(trust_router)
     return app
 
 
@@ -94,6 +97,8 @@ def _start(settings: ServerSettings, clock: Callable[[], float], stack: ExitStac
     create_tables(engine)
 
     keys = load_or_create_keys(data_dir / "keys")
+    keyring = KeyringService(data_dir / "keys", keys)
+    keys = keyring.keys
     store = BundleStore(data_dir / "bundles", cache_bytes=settings.bundle_cache_bytes)
     stack.callback(store.close)
 
@@ -111,6 +116,9 @@ def _start(settings: ServerSettings, clock: Callable[[], float], stack: ExitStac
             port=broker_port,
             username=settings.broker_username,
             password=settings.broker_password,
+            tls_ca_file=settings.broker_tls_ca_file,
+            tls_cert_file=settings.broker_tls_cert_file,
+            tls_key_file=settings.broker_tls_key_file,
             client_id_suffix=settings.client_id_suffix,
             share_group=settings.share_group,
         ),
@@ -135,6 +143,7 @@ def _start(settings: ServerSettings, clock: Callable[[], float], stack: ExitStac
             settings.broker_connect_timeout_s,
         )
 
+    keyring.publish_all(bridge)  # before desired states: agents need the keys that signed them
     with Session(engine) as session:
         republished = desired.republish_all(session)
     if republished:
@@ -166,6 +175,7 @@ def _start(settings: ServerSettings, clock: Callable[[], float], stack: ExitStac
         broker_port=broker_port,
         broker_kind=broker_kind,
         clock=clock,
+        keyring=keyring,
     )
 
 

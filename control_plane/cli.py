@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from control_plane.cli_broker import app as broker_app
 from control_plane.client import DEFAULT_API_URL, EdgefleetClient
 from shared.errors import EdgefleetError
 
@@ -23,6 +24,9 @@ deployments_app = typer.Typer(help="List deployments.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(devices_app, name="devices")
 app.add_typer(deployments_app, name="deployments")
+app.add_typer(broker_app, name="broker")
+keys_app = typer.Typer(help="Publisher keys and keyring rotation.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 console = Console()
 
 ApiUrl = Annotated[str, typer.Option("--api-url", envvar="EDGEFLEET_API_URL", help="Control plane URL.")]
@@ -99,13 +103,42 @@ def models_push(
     version: Annotated[str, typer.Option(help="Model version, e.g. 1.0.0.")],
     runtime: Annotated[str | None, typer.Option(help="onnx or tflite; default from the file extension.")] = None,
     description: Annotated[str, typer.Option()] = "",
+    key: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="EDGEFLEET_PUBLISHER_KEY",
+            help="Sign the bundle here with this publisher key (PEM file) and upload only the signed bundle: "
+            "the control plane never holds the key. Without it, the control plane signs with its own key.",
+        ),
+    ] = None,
+    min_version: Annotated[
+        str | None,
+        typer.Option(help="With --key: devices that install this release refuse versions below this one."),
+    ] = None,
     api_url: ApiUrl = DEFAULT_API_URL,
     as_json: AsJson = False,
 ) -> None:
-    """Publish a model: the control plane packs it into a signed bundle."""
+    """Publish a model as a signed bundle (signed here with --key, or by the control plane)."""
     try:
         with _client(api_url) as client:
-            result = client.push_model(file, name=name, version=version, runtime=runtime, description=description)
+            if key is not None:
+                from control_plane.signing_local import build_signed_bundle
+
+                bundle = build_signed_bundle(
+                    file,
+                    name=name,
+                    version=version,
+                    runtime=runtime,
+                    description=description,
+                    key_file=key,
+                    min_version=min_version,
+                )
+                try:
+                    result = client.push_bundle(bundle)
+                finally:
+                    bundle.unlink(missing_ok=True)
+            else:
+                result = client.push_model(file, name=name, version=version, runtime=runtime, description=description)
     except EdgefleetError as exc:
         raise _fail(exc) from exc
     if as_json:
@@ -151,6 +184,24 @@ def deploy(
         raise typer.Exit(1)
 
 
+@app.command()
+def shadow(
+    name: Annotated[str, typer.Argument(help="Model name (already deployed to the devices).")],
+    version: Annotated[str, typer.Argument(help="Candidate version: same inputs, never served.")],
+    device: Annotated[list[str], typer.Option("--device", "-d", help="Target device id; repeatable.")],
+    sample_rate: Annotated[float, typer.Option(help="Fraction of requests mirrored, in (0, 1].")] = 0.1,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    as_json: AsJson = False,
+) -> None:
+    """Run a candidate version beside the serving one on sampled inputs; compare, never serve."""
+    try:
+        with _client(api_url) as client:
+            rows = client.shadow(name, version, devices=device, sample_rate=sample_rate)
+    except EdgefleetError as exc:
+        raise _fail(exc) from exc
+    _table(rows, ["device_id", "model_name", "serving_version", "version", "sample_rate", "agreement"], as_json)
+
+
 @devices_app.command("list")
 def devices_list(api_url: ApiUrl = DEFAULT_API_URL, as_json: AsJson = False) -> None:
     """List devices with their online status."""
@@ -187,6 +238,67 @@ def devices_agent_config(
     )
     out.write_text(render_config(config))
     console.print(f"wrote {out}; start the agent with: edgefleet-agent run --config {out}")
+
+
+@devices_app.command("enroll")
+def devices_enroll(
+    device_id: Annotated[str, typer.Argument(help="The new device's id.")],
+    ttl_s: Annotated[int, typer.Option(help="Seconds the token stays valid.")] = 3600,
+    api_url: ApiUrl = DEFAULT_API_URL,
+) -> None:
+    """Issue a one-time enrollment token for a device."""
+    try:
+        with _client(api_url) as client:
+            token = client.create_enrollment(device_id, ttl_s=ttl_s)
+    except EdgefleetError as exc:
+        raise _fail(exc) from exc
+    console.print(f"token for [bold]{device_id}[/bold] (valid until {token['expires_at']}, usable once):")
+    typer.echo(token["token"])
+    console.print(
+        f"on the device: edgefleet-agent enroll --server {api_url} --token {token['token']} --config agent.toml"
+    )
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option(help="Where to write the new private key (PEM, mode 0600).")],
+) -> None:
+    """Create a publisher key (keep it in CI's secrets); prints its public key for `keys rotate`."""
+    from shared.signing import SigningKey
+
+    if out.exists():
+        raise _fail(EdgefleetError(f"{out} exists; refusing to overwrite a key"))
+    key = SigningKey.load_or_create(out)
+    typer.echo(key.public_hex)
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    publisher_key: Annotated[
+        list[str] | None, typer.Option(help="Hex public key trusted to sign bundles (repeatable; replaces all).")
+    ] = None,
+    publisher_threshold: Annotated[int | None, typer.Option(help="Signatures a bundle needs.")] = None,
+    rotate_online: Annotated[bool, typer.Option(help="New online key; desired states are re-signed.")] = False,
+    rotate_root: Annotated[bool, typer.Option(help="New root key, signed by the old and the new one.")] = False,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    as_json: AsJson = False,
+) -> None:
+    """Issue the next keyring version and publish it to every device."""
+    try:
+        with _client(api_url) as client:
+            result = client.rotate_keyring(
+                publisher_keys=publisher_key or None,
+                publisher_threshold=publisher_threshold,
+                rotate_online=rotate_online,
+                rotate_root=rotate_root,
+            )
+    except EdgefleetError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        console.print(f"keyring v{result['version']}: publishers {[k[:12] for k in result['publisher_keys']]}, "
+                      f"online {[k[:12] for k in result['online_keys']]}")
 
 
 @deployments_app.command("list")

@@ -101,6 +101,39 @@ class EdgefleetClient:
         """One deployment by id."""
         return self._call("GET", f"/api/v1/deployments/{deployment_id}")
 
+    def shadow(self, model: str, version: str, *, devices: list[str], sample_rate: float) -> list[dict[str, Any]]:
+        """Run ``version`` as a shadow beside the serving version of ``model`` on ``devices``."""
+        body = {"model": model, "version": version, "devices": devices, "sample_rate": sample_rate}
+        return self._call("POST", "/api/v1/shadows", json=body)
+
+    def shadows(self, *, model: str | None = None, device: str | None = None) -> list[dict[str, Any]]:
+        """Shadows asked for or reported, with each device's latest report, optionally filtered."""
+        params = {k: v for k, v in (("model", model), ("device", device)) if v}
+        return self._call("GET", "/api/v1/shadows", params=params)
+
+    def remove_shadow(self, model: str, *, devices: list[str]) -> None:
+        """Stop the shadow of ``model`` on ``devices``."""
+        self._call("DELETE", f"/api/v1/shadows/{model}", params={"device": devices})
+
+    def create_enrollment(self, device_id: str, *, ttl_s: int = 3600) -> dict[str, Any]:
+        """A one-time enrollment token for ``device_id`` (give it to ``edgefleet-agent enroll``)."""
+        return self._call("POST", "/api/v1/enrollments", json={"device_id": device_id, "ttl_s": ttl_s})
+
+    def push_bundle(self, path: str | Path) -> dict[str, Any]:
+        """Upload a bundle signed with a publisher key (see ``edgefleet models push --key``)."""
+        with Path(path).open("rb") as f:
+            return self._call(
+                "POST", "/api/v1/bundles", content=f.read(), headers={"content-type": "application/octet-stream"}
+            )
+
+    def trust(self) -> dict[str, Any]:
+        """The current keyring, readable."""
+        return self._call("GET", "/api/v1/trust")
+
+    def rotate_keyring(self, **changes: Any) -> dict[str, Any]:
+        """Issue the next keyring version (publisher_keys, publisher_threshold, rotate_online, rotate_root)."""
+        return self._call("POST", "/api/v1/trust/rotate", json=changes)
+
     def devices(self) -> list[dict[str, Any]]:
         """Every known device."""
         return self._call("GET", "/api/v1/devices")

@@ -14,6 +14,7 @@ from sqlmodel import Session
 from control_plane.bundle_store import BundleStore
 from control_plane.desired_states import DesiredStateService
 from control_plane.ingest import Ingestor
+from control_plane.keyring_service import KeyringService
 from control_plane.keys import ControlPlaneKeys
 from control_plane.mqtt_bridge import MqttBridge
 from control_plane.settings import ServerSettings
@@ -34,6 +35,7 @@ class ControlPlane:
     broker_port: int
     broker_kind: str  # "mosquitto" | "amqtt" (embedded) | "external"
     clock: Callable[[], float] = field(default=time.time)
+    keyring: KeyringService | None = None
 
 
 def get_control_plane(request: Request) -> ControlPlane:

@@ -24,17 +24,29 @@ comes back after days still finds a valid one waiting.
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy import update
+from sqlalchemy import delete, update
 from sqlmodel import Session, col, func, select
 
+from control_plane.errors import ConflictError
 from control_plane.messaging import MessagePublisher
-from control_plane.tables import Assignment, Deployment, DeploymentStatus, Device, ModelVersion, assigned_version
-from shared.errors import MessageError, NotFoundError
-from shared.messages import MAX_MODELS, DesiredState, ModelDirective
+from control_plane.publishing import manifest_of
+from control_plane.tables import (
+    Assignment,
+    Deployment,
+    DeploymentStatus,
+    Device,
+    ModelVersion,
+    ShadowAssignment,
+    assigned_version,
+    shadow_version,
+)
+from shared.errors import IncompatibleBundleError, MessageError, NotFoundError
+from shared.messages import MAX_MODELS, DesiredState, ModelDirective, ShadowDirective
 from shared.signing import SigningKey
 from shared.topics import Leaf, device_topic
 
@@ -50,6 +62,7 @@ def desired_state_for(
     *,
     issued_at: float,
     ttl_s: float,
+    shadows: Mapping[str, tuple[ModelVersion, float]] | None = None,
 ) -> DesiredState:
     """The desired state of a device, from the model versions assigned to it.
 
@@ -59,6 +72,8 @@ def desired_state_for(
         models: The :class:`ModelVersion` rows of the device's assignments, one per model name.
         issued_at: Unix seconds of signing.
         ttl_s: Seconds until it expires.
+        shadows: By model name, the candidate :class:`ModelVersion` and sample rate of the
+            device's shadow assignments; a candidate of the version already served is left out.
 
     Returns:
         The unsigned state, models sorted by name (same rows, same bytes).
@@ -71,6 +86,7 @@ def desired_state_for(
                 bundle_digest=m.bundle_digest,
                 bundle_size=m.bundle_size,
                 runtime=m.runtime,
+                shadow=_shadow_directive(m, (shadows or {}).get(m.name)),
             )
             for m in models
         ),
@@ -82,6 +98,19 @@ def desired_state_for(
         issued_at=issued_at,
         expires_at=issued_at + ttl_s,
         models=tuple(directives),
+    )
+
+
+def _shadow_directive(serving: ModelVersion, shadow: tuple[ModelVersion, float] | None) -> ShadowDirective | None:
+    if shadow is None or shadow[0].version == serving.version:
+        return None
+    candidate, sample_rate = shadow
+    return ShadowDirective(
+        version=candidate.version,
+        bundle_digest=candidate.bundle_digest,
+        bundle_size=candidate.bundle_size,
+        runtime=candidate.runtime,
+        sample_rate=sample_rate,
     )
 
 
@@ -152,6 +181,7 @@ class DesiredStateService:
                         assignment.version = version
                         session.add(assignment)
                     _supersede_pending(session, device_id, model_name, now)
+                    _drop_shadows(session, [device_id], model_name, only_version=version)  # promoted
                 session.flush()
                 _check_model_counts(session, ids)
                 issued = [self._issue(session, device_id, now) for device_id in ids]
@@ -205,6 +235,7 @@ class DesiredStateService:
                 for assignment in assignments:
                     session.delete(assignment)
                     _supersede_pending(session, assignment.device_id, model_name, now)
+                _drop_shadows(session, changed, model_name)
                 session.flush()
                 issued = [self._issue(session, device_id, now) for device_id in changed]
                 session.commit()
@@ -213,6 +244,129 @@ class DesiredStateService:
                 raise
             self._publish(issued)
         log.info("unassigned %s from %d device(s)", model_name, len(changed))
+        return changed
+
+    def set_shadow(
+        self,
+        session: Session,
+        device_ids: Sequence[str],
+        model_name: str,
+        version: str,
+        sample_rate: float,
+        *,
+        now: float,
+    ) -> list[ShadowAssignment]:
+        """Run ``version`` of ``model_name`` as a shadow beside the serving version on ``device_ids``.
+
+        Replaces any shadow of that model on those devices, then signs and publishes each
+        device's new desired state. Commits.
+
+        Args:
+            session: Database session with no transaction of its own in progress.
+            device_ids: Target devices (duplicates are ignored); each must run ``model_name``.
+            model_name: A published model's name.
+            version: The candidate: a published version with the serving versions' inputs.
+            sample_rate: Fraction of requests mirrored, in (0, 1].
+            now: Unix seconds (signing time).
+
+        Returns:
+            The shadow assignments, in the order of ``device_ids``.
+
+        Raises:
+            MessageError: No devices, or a sample rate outside (0, 1].
+            NotFoundError: The model version or a device does not exist.
+            ConflictError: A device does not run the model, or already serves ``version``.
+            IncompatibleBundleError: The candidate's inputs differ from a serving version's.
+        """
+        ids = list(dict.fromkeys(device_ids))
+        if not ids:
+            raise MessageError("a shadow needs at least one device")
+        if not (math.isfinite(sample_rate) and 0.0 < sample_rate <= 1.0):
+            raise MessageError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        with self._lock:
+            try:
+                candidate = _model_version(session, model_name, version)
+                _require_devices(session, ids)
+                assigned = session.exec(
+                    select(Assignment).where(col(Assignment.device_id).in_(ids), Assignment.model_name == model_name)
+                ).all()
+                serving = {a.device_id: a.version for a in assigned}
+                not_running = [i for i in ids if i not in serving]
+                if not_running:
+                    raise ConflictError(
+                        f"device(s) {not_running[:10]} do not run model {model_name!r}: deploy it before shadowing"
+                    )
+                serving_already = [i for i in ids if serving[i] == version]
+                if serving_already:
+                    raise ConflictError(f"device(s) {serving_already[:10]} already serve {model_name!r} {version!r}")
+                inputs = manifest_of(candidate).inputs
+                for serving_version in sorted(set(serving.values())):
+                    served = manifest_of(_model_version(session, model_name, serving_version)).inputs
+                    if served != inputs:
+                        raise IncompatibleBundleError(
+                            f"{model_name!r} {version!r} takes {[t.to_dict() for t in inputs]}, but the serving "
+                            f"version {serving_version!r} takes {[t.to_dict() for t in served]}: a shadow must take "
+                            "the same inputs"
+                        )
+                _drop_shadows(session, ids, model_name)
+                session.flush()
+                rows = [
+                    ShadowAssignment(
+                        device_id=device_id,
+                        model_name=model_name,
+                        version=version,
+                        sample_rate=sample_rate,
+                        created_at=_utc(now),
+                    )
+                    for device_id in ids
+                ]
+                session.add_all(rows)
+                session.flush()
+                issued = [self._issue(session, device_id, now) for device_id in ids]
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+            self._publish(issued)
+        for row in rows:
+            session.refresh(row)
+        log.info("shadowing %s %s (sample rate %g) on %d device(s)", model_name, version, sample_rate, len(ids))
+        return rows
+
+    def clear_shadow(self, session: Session, device_ids: Sequence[str], model_name: str, *, now: float) -> list[str]:
+        """Stop the shadow of ``model_name`` on ``device_ids``; commits.
+
+        Devices without such a shadow are left alone (no new desired state).
+
+        Returns:
+            The devices whose desired state changed.
+
+        Raises:
+            NotFoundError: A device does not exist.
+        """
+        ids = list(dict.fromkeys(device_ids))
+        with self._lock:
+            try:
+                _require_devices(session, ids)
+                changed = list(
+                    session.exec(
+                        select(ShadowAssignment.device_id).where(
+                            col(ShadowAssignment.device_id).in_(ids), ShadowAssignment.model_name == model_name
+                        )
+                    ).all()
+                )
+                if not changed:
+                    session.rollback()
+                    return []
+                _drop_shadows(session, changed, model_name)
+                session.flush()
+                issued = [self._issue(session, device_id, now) for device_id in changed]
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+            self._publish(issued)
+        log.info("stopped the shadow of %s on %d device(s)", model_name, len(changed))
         return changed
 
     def resign_expiring(self, session: Session, *, now: float) -> list[str]:
@@ -255,6 +409,28 @@ class DesiredStateService:
             log.info("re-signed the desired state of %d device(s)", len(done))
         return done
 
+    def rotate_online_key(self, session: Session, key: SigningKey, *, now: float) -> int:
+        """Sign with ``key`` from now on and re-sign every device's desired state with it; commits.
+
+        Call after the keyring version naming ``key`` is published: agents that see the
+        re-signed state first hold it until their keyring catches up.
+
+        Returns:
+            How many desired states were re-signed.
+        """
+        with self._lock:
+            self._key = key
+            try:
+                ids = session.exec(select(Device.id).where(Device.desired_sequence > 0).order_by(col(Device.id))).all()
+                issued = [self._issue(session, device_id, now) for device_id in ids]
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+            self._publish(issued)
+        log.info("online key rotated; re-signed %d desired state(s)", len(issued))
+        return len(issued)
+
     def republish_all(self, session: Session) -> int:
         """Publish every device's stored envelope again, unchanged (retained).
 
@@ -284,7 +460,19 @@ class DesiredStateService:
             .join(Assignment, assigned_version())
             .where(Assignment.device_id == device_id)
         ).all()
-        state = desired_state_for(device_id, sequence, models, issued_at=now, ttl_s=self._ttl_s)
+        shadows = session.exec(
+            select(ModelVersion, ShadowAssignment.sample_rate)
+            .join(ShadowAssignment, shadow_version())
+            .where(ShadowAssignment.device_id == device_id)
+        ).all()
+        state = desired_state_for(
+            device_id,
+            sequence,
+            models,
+            issued_at=now,
+            ttl_s=self._ttl_s,
+            shadows={m.name: (m, rate) for m, rate in shadows},
+        )
         envelope = state.seal(self._key)
         session.exec(
             update(Device)
@@ -310,6 +498,25 @@ def _require_devices(session: Session, ids: Sequence[str]) -> None:
             f"unknown device(s) {missing[:10]}: a device registers when its agent first reports, "
             "or with POST /api/v1/devices"
         )
+
+
+def _model_version(session: Session, name: str, version: str) -> ModelVersion:
+    row = session.exec(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)).first()
+    if row is None:
+        raise NotFoundError(f"model {name!r} version {version!r} is not published")
+    return row
+
+
+def _drop_shadows(
+    session: Session, device_ids: Sequence[str], model_name: str, only_version: str | None = None
+) -> None:
+    """Delete the shadow assignments of ``model_name`` on ``device_ids`` (of one version only, if given)."""
+    statement = delete(ShadowAssignment).where(
+        col(ShadowAssignment.device_id).in_(device_ids), col(ShadowAssignment.model_name) == model_name
+    )
+    if only_version is not None:
+        statement = statement.where(col(ShadowAssignment.version) == only_version)
+    session.exec(statement)
 
 
 def _supersede_pending(session: Session, device_id: str, model_name: str, now: float) -> None:

@@ -109,6 +109,11 @@ class BrokerSettings:
     """Optional mosquitto ACL file."""
     extra_config: tuple[str, ...] = field(default=())
     """Raw extra ``mosquitto.conf`` lines, appended last (mosquitto only)."""
+    config_file: Path | None = None
+    """A complete ``mosquitto.conf`` to run as it is (mosquitto only), e.g. one written by
+    :mod:`control_plane.broker_config`. ``host``/``port`` must name a plaintext listener in it (the
+    readiness probe connects there; a broker that refuses the anonymous probe still counts as up), and
+    the other fields are not used: that file decides."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65_535:
@@ -123,6 +128,8 @@ class BrokerSettings:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.host:
             raise ConfigError("broker host must not be empty")
+        if self.config_file is not None and self.port == 0:
+            raise ConfigError("with config_file, port must name its plaintext listener (0 cannot be used)")
         if not isinstance(self.extra_config, tuple):
             # a list would make the frozen dataclass unhashable and mutable behind our back
             object.__setattr__(self, "extra_config", tuple(self.extra_config))
@@ -487,6 +494,9 @@ class MosquittoBroker(BrokerHandle):
         return [self.binary, "-c", str(self.config_path)]
 
     def _prepare(self) -> None:
+        if self.settings.config_file is not None:
+            self.config_path = Path(self.settings.config_file).resolve()
+            return
         try:
             self.config_path.write_text(mosquitto_config(self.settings, self.port, self.data_dir))
         except OSError as exc:
@@ -590,7 +600,9 @@ def start_amqtt(settings: BrokerSettings, ready_timeout_s: float = 10.0) -> Amqt
         ConfigError: settings amqtt cannot honour (password/ACL file, raw mosquitto config lines).
         BrokerError: amqtt is not installed, exited while starting, or did not answer in time.
     """
-    unsupported = [name for name in ("password_file", "acl_file", "extra_config") if getattr(settings, name)]
+    unsupported = [
+        name for name in ("password_file", "acl_file", "extra_config", "config_file") if getattr(settings, name)
+    ]
     if unsupported:
         raise ConfigError(
             f"the amqtt fallback broker does not support {', '.join(unsupported)}; install mosquitto "

@@ -40,11 +40,13 @@ from control_plane.tables import (
     Device,
     DeviceEvent,
     ModelVersion,
+    ShadowAssignment,
     assigned_version,
+    shadow_version,
 )
 from shared.chunks import Chunk, ChunkError, ChunkRequest, chunk_count
 from shared.errors import MessageError, NotFoundError
-from shared.messages import DeploymentEvent, DeviceStatus, ReportedState
+from shared.messages import DeviceStatus, RejectionEvent, ReportedState, decode_event
 from shared.topics import Leaf, device_topic, parse_device_topic
 
 log = logging.getLogger(__name__)
@@ -158,6 +160,33 @@ class Ingestor:
                     session.add(deployment)
             session.commit()
 
+    def _record_rejection(self, event: RejectionEvent, now: float) -> bool:
+        """Store a device's refusal of a message (idempotent by event id)."""
+        log.warning("device %s rejected a %s message: %s: %s", event.device_id, event.subject, event.code,
+                    event.message)
+        with Session(self._engine) as session:
+            if session.exec(select(DeviceEvent.id).where(DeviceEvent.event_id == event.event_id)).first() is not None:
+                return False
+            device = _get_or_register(session, event.device_id, now)
+            device.last_seen_at = _utc(now)
+            session.add(device)
+            session.add(
+                DeviceEvent(
+                    event_id=event.event_id,
+                    device_id=event.device_id,
+                    ts=event.ts,
+                    kind="rejected",
+                    payload_json=event.encode().decode(),
+                    received_at=_utc(now),
+                )
+            )
+            try:
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                return False
+        return True
+
     def handle_deployment_event(self, device_id: str, payload: bytes) -> bool:
         """Record a deployment event once and apply its outcome to the matching deployment.
 
@@ -168,9 +197,11 @@ class Ingestor:
         Returns:
             True if the event was new, False for a duplicate ``event_id``.
         """
-        event = DeploymentEvent.decode(payload)
-        _require_same_device(event.device_id, device_id, "deployment event")
+        event = decode_event(payload)
+        _require_same_device(event.device_id, device_id, "event")
         now = self._clock()
+        if isinstance(event, RejectionEvent):
+            return self._record_rejection(event, now)
         with Session(self._engine) as session:
             if session.exec(select(DeviceEvent.id).where(DeviceEvent.event_id == event.event_id)).first() is not None:
                 return False
@@ -232,8 +263,8 @@ class Ingestor:
     def handle_chunk_request(self, device_id: str, payload: bytes) -> None:
         """Answer a chunk request with the chunks, or with one ChunkError saying why not.
 
-        Only bundles assigned to the requesting device are served, within the chunk-size and
-        per-request limits.
+        Only bundles assigned to the requesting device (to serve, or as a shadow) are served,
+        within the chunk-size and per-request limits.
         """
         request = ChunkRequest.decode(payload)
         reply_topic = device_topic(device_id, Leaf.CHUNK_DATA)
@@ -276,6 +307,12 @@ class Ingestor:
                 .join(ModelVersion, assigned_version())
                 .where(Assignment.device_id == device_id, ModelVersion.bundle_digest == digest)
             ).first()
+            if assigned is None:  # a shadow candidate's bundle is assigned too
+                assigned = session.exec(
+                    select(ShadowAssignment.id)
+                    .join(ModelVersion, shadow_version())
+                    .where(ShadowAssignment.device_id == device_id, ModelVersion.bundle_digest == digest)
+                ).first()
             known = assigned is not None or (
                 session.exec(select(ModelVersion.id).where(ModelVersion.bundle_digest == digest)).first() is not None
             )

@@ -11,15 +11,19 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from agent.config import AgentConfig, ApiConfig, BrokerConfig, TransferConfig, TrustConfig, render_config
+from agent.config import AgentConfig, ApiConfig, BrokerConfig, TransferConfig, render_config
+from agent.enrollment import enroll_device, write_enrolled_config
 from control_plane.client import EdgefleetClient
 from control_plane.embedded_broker import free_port
 from shared.errors import EdgefleetError
+from shared.files import atomic_write_bytes
 
 
 class FleetError(EdgefleetError):
@@ -89,6 +93,19 @@ class AgentProcess:
     process: ManagedProcess
     config_path: Path
     api_url: str
+    data_tmpfs_bytes: int | None = None  # set: the data dir is a tmpfs in the agent's own mount namespace
+
+    @property
+    def data_dir(self) -> Path:
+        """The agent's data directory, as this process can read it.
+
+        A data dir on a private tmpfs is visible only inside the agent's mount namespace, so it
+        is reached through ``/proc/<pid>/root`` (root only, and only while the agent lives).
+        """
+        path = (self.config_path.parent / "data").resolve()
+        if self.data_tmpfs_bytes is None:
+            return path
+        return Path(f"/proc/{self.process.popen.pid}/root") / path.relative_to(path.anchor)
 
 
 @dataclass
@@ -99,6 +116,15 @@ class LocalFleet:
     broker_host: str | None = None  # None: the control plane starts its embedded broker
     broker_port: int = 0
     embedded_broker: str = "auto"  # with broker_host None: auto | mosquitto | amqtt
+    # The control plane's broker credentials and TLS files (passed to it as EDGEFLEET_BROKER_* variables).
+    broker_username: str | None = None
+    broker_password: str | None = None
+    broker_tls_ca_file: str | None = None
+    broker_tls_cert_file: str | None = None
+    broker_tls_key_file: str | None = None
+    # Per device: the [broker] settings its config starts from (TLS files, say); enrollment then
+    # fills in the address and the user name and password the control plane issued.
+    agent_brokers: dict[str, BrokerConfig] = field(default_factory=dict)
     control_plane: ManagedProcess | None = None
     api_url: str = ""
     agents: dict[str, AgentProcess] = field(default_factory=dict)
@@ -123,7 +149,15 @@ class LocalFleet:
             args += ["--broker-host", self.broker_host, "--broker-port", str(self.broker_port)]
         else:
             args += ["--embedded-broker", self.embedded_broker]
-        self.control_plane = spawn("control-plane", args, self.workdir / "logs" / "control-plane.log")
+        credentials = {
+            "EDGEFLEET_BROKER_USERNAME": self.broker_username,
+            "EDGEFLEET_BROKER_PASSWORD": self.broker_password,
+            "EDGEFLEET_BROKER_TLS_CA_FILE": self.broker_tls_ca_file,
+            "EDGEFLEET_BROKER_TLS_CERT_FILE": self.broker_tls_cert_file,
+            "EDGEFLEET_BROKER_TLS_KEY_FILE": self.broker_tls_key_file,
+        }
+        env = {name: value for name, value in credentials.items() if value is not None}
+        self.control_plane = spawn("control-plane", args, self.workdir / "logs" / "control-plane.log", env=env)
         self.api_url = f"http://127.0.0.1:{port}"
         client = EdgefleetClient(self.api_url)
         deadline = time.monotonic() + timeout_s
@@ -134,41 +168,84 @@ class LocalFleet:
         self.info = client.info()
         return client
 
-    def write_agent_config(self, device_id: str, *, chunk_size_bytes: int = 64 * 1024) -> tuple[Path, int]:
-        """An agent config pinned to this control plane's keys; returns (path, api port)."""
+    def write_agent_config(
+        self,
+        device_id: str,
+        *,
+        chunk_size_bytes: int = 64 * 1024,
+        transfer: TransferConfig | None = None,
+        broker_port: int | None = None,
+        heartbeat_interval_s: float = 5.0,
+    ) -> tuple[Path, int]:
+        """Enroll ``device_id`` the way a real device does and write its config; returns (path, api port).
+
+        The agent pins the control plane's current keyring and gets its own broker credentials.
+
+        Args:
+            device_id: The device to enroll.
+            chunk_size_bytes: MQTT chunk size (ignored when ``transfer`` is given).
+            transfer: The whole transfer section, for tests that tune timeouts or the bandwidth cap.
+            broker_port: Connect to this port instead of the broker's (e.g. a test's TCP proxy).
+            heartbeat_interval_s: Seconds between reported-state heartbeats.
+        """
         api_port = free_port()
-        config = AgentConfig(
+        client = EdgefleetClient(self.api_url)
+        try:
+            token = client.create_enrollment(device_id)["token"]
+        finally:
+            client.close()
+        enrolled = enroll_device(self.api_url, token)
+        template = AgentConfig(
             device_id=device_id,
             data_dir=Path("data"),
-            broker=BrokerConfig(
-                host=self.info["broker"]["host"], port=self.info["broker"]["port"], reconnect_min_s=1, reconnect_max_s=2
-            ),
-            trust=TrustConfig(
-                publisher_keys=tuple(self.info["keys"]["publisher"]), online_keys=tuple(self.info["keys"]["online"])
-            ),
+            broker=self.agent_brokers.get(device_id) or BrokerConfig(reconnect_min_s=1, reconnect_max_s=2),
             api=ApiConfig(port=api_port),
-            transfer=TransferConfig(chunk_size_bytes=chunk_size_bytes),
-            heartbeat_interval_s=5.0,
+            transfer=transfer or TransferConfig(chunk_size_bytes=chunk_size_bytes),
+            heartbeat_interval_s=heartbeat_interval_s,
         )
         path = self.workdir / "agents" / device_id / "agent.toml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render_config(config))
+        config = write_enrolled_config(enrolled, path, template)
+        if broker_port is not None:
+            config = replace(config, broker=replace(config.broker, port=broker_port))
+            atomic_write_bytes(path, render_config(config).encode(), mode=0o600)
         return path, api_port
 
-    def start_agent(self, device_id: str, timeout_s: float = 30.0) -> AgentProcess:
-        """Start (or restart, reusing its config and data) ``edgefleet-agent run`` for ``device_id``."""
+    def start_agent(
+        self,
+        device_id: str,
+        timeout_s: float = 30.0,
+        *,
+        env: Mapping[str, str] | None = None,
+        config: Mapping[str, Any] | None = None,
+        data_tmpfs_bytes: int | None = None,
+    ) -> AgentProcess:
+        """Start (or restart, reusing its config and data) ``edgefleet-agent run`` for ``device_id``.
+
+        Args:
+            device_id: The device; its first start enrolls it and writes its config.
+            timeout_s: How long to wait for its local API to answer.
+            env: Extra environment (e.g. the ``EDGEFLEET_FAULT_*`` variables of :mod:`agent.faults`).
+            config: Keyword arguments for :meth:`write_agent_config` on the first start.
+            data_tmpfs_bytes: Run the agent in a private mount namespace (``unshare -m``, root
+                only) with its data dir on a tmpfs of this size: a small disk for disk-full
+                tests that leaves the host's mounts alone. The data is gone when the agent exits.
+        """
         existing = self.agents.get(device_id)
         if existing is not None:
             path, api_url = existing.config_path, existing.api_url
         else:
-            path, api_port = self.write_agent_config(device_id)
+            path, api_port = self.write_agent_config(device_id, **(config or {}))
             api_url = f"http://127.0.0.1:{api_port}"
-        process = spawn(
-            f"agent-{device_id}",
-            [sys.executable, "-m", "agent", "run", "--config", str(path)],
-            self.workdir / "logs" / f"agent-{device_id}.log",
+        args = [sys.executable, "-m", "agent", "run", "--config", str(path)]
+        if data_tmpfs_bytes is not None:
+            data_dir = path.parent / "data"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            mount = f'mount -t tmpfs -o size={int(data_tmpfs_bytes)} edgefleet-data "$0" && exec "$@"'
+            args = ["unshare", "--mount", "sh", "-c", mount, str(data_dir), *args]
+        process = spawn(f"agent-{device_id}", args, self.workdir / "logs" / f"agent-{device_id}.log", dict(env or {}))
+        agent = AgentProcess(
+            device_id=device_id, process=process, config_path=path, api_url=api_url, data_tmpfs_bytes=data_tmpfs_bytes
         )
-        agent = AgentProcess(device_id=device_id, process=process, config_path=path, api_url=api_url)
         self.agents[device_id] = agent
         deadline = time.monotonic() + timeout_s
         while True:

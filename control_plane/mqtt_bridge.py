@@ -33,6 +33,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from shared.errors import BrokerError, MessageError
+from shared.mqtt import configure_tls
 from shared.topics import control_plane_subscriptions
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class BrokerConnection:
     port: int
     username: str | None = None
     password: str | None = None
+    tls_ca_file: str | None = None  # TLS when any tls_* is set (see shared.mqtt.configure_tls)
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
     client_id_suffix: str = ""
     share_group: str | None = None
 
@@ -81,6 +85,9 @@ class MqttBridge:
             connection: Broker address, credentials, client-id suffix, share group.
             handler: Called on the worker thread with (topic, payload) of each message; raises
                 :class:`~shared.errors.MessageError` for garbage.
+
+        Raises:
+            ConfigError: TLS files that cannot be read or do not belong together.
         """
         self._connection = connection
         self._handler = handler
@@ -95,6 +102,12 @@ class MqttBridge:
         )
         if connection.username is not None:
             self._client.username_pw_set(connection.username, connection.password)
+        configure_tls(
+            self._client,
+            tls_ca_file=connection.tls_ca_file,
+            tls_cert_file=connection.tls_cert_file,
+            tls_key_file=connection.tls_key_file,
+        )
         self._client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, RECONNECT_MAX_DELAY_S)
         self._client.max_inflight_messages_set(MAX_INFLIGHT)
         self._client.on_socket_open = _set_tcp_nodelay

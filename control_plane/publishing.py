@@ -16,6 +16,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
@@ -24,8 +25,8 @@ from control_plane.bundle_store import BundleStore
 from control_plane.errors import ConflictError
 from control_plane.keys import ControlPlaneKeys
 from control_plane.tables import ModelVersion, utcnow
-from shared.bundle import build_bundle, make_manifest, verify_bundle
-from shared.errors import EdgefleetError, MessageError, RuntimeLoadError
+from shared.bundle import build_bundle, make_manifest, sha256_file, verify_bundle
+from shared.errors import EdgefleetError, MessageError, RuntimeLoadError, TrustError
 from shared.manifest import MODEL_EXTENSIONS, RUNTIMES, Manifest
 from shared.strict import NAME_RE, VERSION_RE
 
@@ -68,6 +69,7 @@ def publish_model(
     runtime: str | None = None,
     description: str = "",
     labels: Mapping[str, str] | None = None,
+    trusted_keys: Mapping[str, Ed25519PublicKey] | None = None,
 ) -> ModelVersion:
     """Sign and store a model file as the bundle of ``name`` ``version``.
 
@@ -81,6 +83,9 @@ def publish_model(
         runtime: ``"onnx"`` or ``"tflite"``; ``None`` infers it from ``model_path``'s extension.
         description: Free text carried in the signed manifest.
         labels: Short string pairs carried in the signed manifest.
+        trusted_keys: The keyring's publisher keys; the control plane's own key must be among
+            them (after a rotation to CI-held keys it is not, and publishing must go through
+            :func:`register_bundle` with a bundle signed elsewhere).
 
     Returns:
         The new row, or the existing one if this exact model was already published under
@@ -91,6 +96,11 @@ def publish_model(
         RuntimeLoadError: The file does not load in its runtime.
         ConflictError: ``name`` ``version`` exists with a different model file or runtime.
     """
+    if trusted_keys is not None and keys.publisher.key_id not in trusted_keys:
+        raise TrustError(
+            "the control plane's publisher key is no longer trusted by the keyring: sign bundles with a "
+            "publisher key (edgefleet models push --key KEY) and upload them instead"
+        )
     runtime = _check_inputs(model_path, name, version, runtime, description, labels)
     model_sha256 = _sha256_hex(model_path)
     # Also ends the read transaction before the slow part (on SQLite every transaction holds
@@ -99,7 +109,7 @@ def publish_model(
     if existing is not None:
         return existing
 
-    manifest = _describe(model_path, name, version, runtime, description, labels)
+    manifest = describe_model(model_path, name, version, runtime, description, labels)
     files = {manifest.model_file: model_path}
     tmp = store.new_temp_path(".bundle")
     try:
@@ -133,6 +143,58 @@ def publish_model(
         return existing
     session.refresh(row)
     log.info("published %s %s (%s, %s, %d bytes)", name, version, runtime, digest, size)
+    return row
+
+
+def register_bundle(
+    session: Session,
+    store: BundleStore,
+    *,
+    bundle_path: Path,
+    trusted_keys: Mapping[str, Ed25519PublicKey],
+    threshold: int,
+) -> ModelVersion:
+    """Store a bundle signed outside the control plane (CI, a publisher's laptop).
+
+    The bundle must verify against the keyring's publisher keys, so the control plane never
+    needs a publisher key of its own.
+
+    Raises:
+        SignatureError, BundleError: The bundle does not verify.
+        ConflictError: The name and version exist with a different bundle.
+    """
+    manifest = verify_bundle(bundle_path, trusted_keys=trusted_keys, threshold=threshold)
+    digest = sha256_file(bundle_path)
+    row = session.exec(
+        select(ModelVersion).where(ModelVersion.name == manifest.name, ModelVersion.version == manifest.version)
+    ).first()
+    if row is not None:
+        if row.bundle_digest == digest:
+            return row
+        raise ConflictError(
+            f"model {manifest.name!r} version {manifest.version!r} is already published with another bundle; "
+            "publish a new version instead"
+        )
+    session.rollback()
+    size = bundle_path.stat().st_size
+    digest = store.put_file(bundle_path)
+    row = ModelVersion(
+        name=manifest.name,
+        version=manifest.version,
+        runtime=manifest.runtime,
+        bundle_digest=digest,
+        bundle_size=size,
+        manifest_json=manifest.encode().decode(),
+        created_at=utcnow(),
+    )
+    session.add(row)
+    try:
+        session.commit()
+    except IntegrityError as exc:
+        session.rollback()
+        raise ConflictError(f"model {manifest.name!r} version {manifest.version!r} was published concurrently") from exc
+    session.refresh(row)
+    log.info("registered signed bundle %s %s (%s)", manifest.name, manifest.version, digest)
     return row
 
 
@@ -182,14 +244,20 @@ def _existing(session: Session, name: str, version: str, runtime: str, model_sha
     )
 
 
-def _describe(
+def describe_model(
     model_path: Path,
     name: str,
     version: str,
     runtime: str,
     description: str,
     labels: Mapping[str, str] | None,
+    *,
+    min_version: str | None = None,
 ) -> Manifest:
+    """Load the model to read its signature and describe it in a manifest (not yet signed).
+
+    ``min_version`` sets the rollback floor devices enforce once they installed this bundle.
+    """
     try:
         loaded = load_model(runtime, model_path, name=name, version=version)
     except EdgefleetError:
@@ -211,6 +279,7 @@ def _describe(
         outputs=outputs,
         description=description,
         labels=labels,
+        min_version=min_version,
     )
 
 

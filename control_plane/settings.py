@@ -37,6 +37,10 @@ class ServerSettings:
             binary is installed, else the in-process-style amqtt), ``mosquitto`` or ``amqtt``.
         broker_username: MQTT user name, if the broker requires one.
         broker_password: MQTT password, if the broker requires one.
+        broker_tls_ca_file: CA certificate (PEM) to verify the broker with; setting any
+            ``broker_tls_*`` turns TLS on (without a CA file: the system's CAs).
+        broker_tls_cert_file: Client certificate (PEM) to present, with ``broker_tls_key_file``.
+        broker_tls_key_file: The client certificate's private key (PEM, unencrypted).
         client_id_suffix: Appended to the MQTT client id ``edgefleet-control-plane``; each
             replica needs its own, because a persistent session belongs to one client id.
         share_group: If set, ingest subscriptions are shared (``$share/<group>/...``) so
@@ -62,6 +66,9 @@ class ServerSettings:
     embedded_broker_kind: str = "auto"  # auto (mosquitto if installed, else amqtt) | mosquitto | amqtt
     broker_username: str | None = None
     broker_password: str | None = None
+    broker_tls_ca_file: str | None = None
+    broker_tls_cert_file: str | None = None
+    broker_tls_key_file: str | None = None
     client_id_suffix: str = ""
     share_group: str | None = None
     desired_state_ttl_s: float = 7 * 24 * 3600.0  # seconds
@@ -77,7 +84,8 @@ class ServerSettings:
 
         Raises:
             ConfigError: A port outside 1..65535 (0 for the embedded broker: any free port),
-                a non-positive limit or duration, or a malformed client id suffix or share group.
+                a non-positive limit or duration, a malformed client id suffix or share group,
+                a client certificate without its key (or the reverse), or TLS for the embedded broker.
         """
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         if not self.database_url:
@@ -90,6 +98,11 @@ class ServerSettings:
             raise ConfigError(
                 f"embedded_broker_kind must be auto, mosquitto or amqtt, got {self.embedded_broker_kind!r}"
             )
+        if (self.broker_tls_cert_file is None) != (self.broker_tls_key_file is None):
+            raise ConfigError("broker_tls_cert_file and broker_tls_key_file go together: set both or neither")
+        uses_tls = any((self.broker_tls_ca_file, self.broker_tls_cert_file, self.broker_tls_key_file))
+        if uses_tls and self.broker_host is None:
+            raise ConfigError("broker_tls_* need broker_host: the embedded broker speaks plaintext on loopback")
         if self.broker_host is not None and self.broker_port == 0:
             raise ConfigError("broker_port 0 (any free port) only makes sense for the embedded broker")
         for name in ("desired_state_ttl_s", "resign_interval_s", "broker_connect_timeout_s"):

@@ -8,6 +8,8 @@ Per resource, in the full-stack-fastapi-template style: a ``Base`` with the shar
   the :class:`~control_plane.bundle_store.BundleStore`, addressed by ``bundle_digest``.
 - :class:`Assignment`: what a device should run, one version per model name: the rows the
   desired state is computed from.
+- :class:`ShadowAssignment`: a candidate version a device runs beside its assigned one, on
+  sampled inputs, never serving it (at most one per device and model).
 - :class:`Deployment`: one request to put a version on a device, and how it ended.
 - :class:`DeviceEvent`: events as received, unique by ``event_id`` so ingest is idempotent.
 
@@ -95,6 +97,8 @@ class Device(SQLModel, table=True):
     reported_ts: float | None = None  # unix seconds, the device's clock
     reported_json: str = Field(default="", sa_type=Text)
     agent_json: str = Field(default="{}", sa_type=Text)
+    # Mosquitto password-file hash of the broker password issued at enrollment ("" = none issued).
+    broker_password_hash: str = Field(default="", max_length=256)
 
 
 class DeviceCreate(SQLModel):
@@ -186,6 +190,70 @@ def assigned_version() -> ColumnElement[bool]:
     )
 
 
+class ShadowAssignment(SQLModel, table=True):
+    """A candidate version of ``model_name`` that ``device_id`` runs beside its assigned version.
+
+    A table of its own rather than columns on :class:`Assignment`: :func:`create_tables` adds a
+    missing table to an existing database, never a missing column to an existing table.
+    """
+
+    __table_args__ = (UniqueConstraint("device_id", "model_name", name="uq_shadow_device_model"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(foreign_key="device.id", index=True, max_length=128)
+    model_name: str = Field(max_length=64)
+    version: str = Field(max_length=64)
+    sample_rate: float  # fraction of requests mirrored, (0, 1]
+    created_at: datetime = Field(sa_type=UTCDateTime)
+
+
+def shadow_version() -> ColumnElement[bool]:
+    """Join condition: the :class:`ModelVersion` a :class:`ShadowAssignment` names."""
+    return and_(
+        col(ShadowAssignment.model_name) == col(ModelVersion.name),
+        col(ShadowAssignment.version) == col(ModelVersion.version),
+    )
+
+
+class ShadowCreate(SQLModel):
+    """``POST /api/v1/shadows``: run a candidate version beside the serving one on some devices."""
+
+    model: str = Field(max_length=64, description="Model name; every device must already run it.")
+    version: str = Field(max_length=64, description="The candidate: a published version with the same inputs.")
+    devices: list[str] = Field(min_length=1, max_length=1000, description="Device ids.")
+    sample_rate: float = Field(description="Fraction of requests mirrored to the candidate, in (0, 1].")
+
+
+class ShadowReportPublic(SQLModel):
+    """A device's last report of a shadow (``shared.messages.ShadowReport``), as it sent it."""
+
+    serving_version: str
+    version: str
+    bundle_digest: str
+    state: str = Field(description='"running" or "failed".')
+    samples: int = Field(description="Rows compared (a request of batch B adds B).")
+    agreements: int = Field(description="Rows whose top-1 (argmax of the first output) agreed.")
+    errors: int = Field(description="Mirrored requests the candidate failed on.")
+    mean_abs_diff: float
+    max_abs_diff: float
+    latency_p50_ms: float
+    serving_latency_p50_ms: float
+    message: str
+
+
+class ShadowPublic(SQLModel):
+    """A shadow on one device: what the control plane asks for and what the device last reported."""
+
+    device_id: str
+    model_name: str
+    serving_version: str | None = Field(description="The version assigned to the device.")
+    version: str | None = Field(description="The candidate asked for; null once removed but still reported.")
+    sample_rate: float | None
+    agreement: float | None = Field(description="report.agreements / report.samples; null before any sample.")
+    report: ShadowReportPublic | None = Field(description="The device's last report of this model's shadow.")
+    reported_ts: float | None = Field(description="Unix seconds (device clock) of that report.")
+
+
 class DeploymentCreate(SQLModel):
     """``POST /api/v1/deployments``: put one model version on some devices."""
 
@@ -239,3 +307,13 @@ class DeviceEvent(SQLModel, table=True):
     kind: str = Field(max_length=32)
     payload_json: str = Field(sa_type=Text)
     received_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class Enrollment(SQLModel, table=True):
+    """A one-time enrollment token (only its sha256 is stored) for one device id."""
+
+    token_sha256: str = Field(primary_key=True, max_length=64)
+    device_id: str = Field(index=True, max_length=128)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    expires_at: datetime = Field(sa_type=UTCDateTime)
+    used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)

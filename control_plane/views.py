@@ -15,6 +15,9 @@ from control_plane.tables import (
     DevicePublic,
     ModelVersion,
     ModelVersionPublic,
+    ShadowAssignment,
+    ShadowPublic,
+    ShadowReportPublic,
     TensorSpecPublic,
 )
 
@@ -58,3 +61,36 @@ def device_public(device: Device, assignments: Iterable[Assignment]) -> DevicePu
 def deployment_public(row: Deployment) -> DeploymentPublic:
     """A deployment as stored."""
     return DeploymentPublic.model_validate(row, from_attributes=True)
+
+
+def device_shadows_public(
+    device: Device, assignments: Iterable[Assignment], shadows: Iterable[ShadowAssignment]
+) -> list[ShadowPublic]:
+    """The shadows of one device: each asked for, and each it reports, merged by model name.
+
+    A shadow still reported after it was removed (the device has not caught up) is listed with
+    ``version`` null; one asked for but not reported yet has ``report`` null.
+    """
+    serving = {a.model_name: a.version for a in assignments}
+    desired = {s.model_name: s for s in shadows}
+    # Stored only after strict decoding, so it always parses.
+    reported = json.loads(device.reported_json) if device.reported_json else {}
+    reports = {r["name"]: r for r in reported.get("shadows", [])}
+    rows = []
+    for name in sorted(desired.keys() | reports.keys()):
+        wanted, report = desired.get(name), reports.get(name)
+        rows.append(
+            ShadowPublic(
+                device_id=device.id,
+                model_name=name,
+                serving_version=serving.get(name),
+                version=wanted.version if wanted else None,
+                sample_rate=wanted.sample_rate if wanted else None,
+                agreement=report["agreements"] / report["samples"] if report and report["samples"] else None,
+                report=ShadowReportPublic.model_validate({k: v for k, v in report.items() if k != "name"})
+                if report
+                else None,
+                reported_ts=device.reported_ts if report else None,
+            )
+        )
+    return rows

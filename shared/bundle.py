@@ -73,6 +73,7 @@ def make_manifest(
     labels: Mapping[str, str] | None = None,
     compatibility: Compatibility | None = None,
     drift_reference: dict[str, Any] | None = None,
+    min_version: str | None = None,
 ) -> Manifest:
     """Hash ``files`` (bundle path -> source file) and describe them in a validated manifest."""
     entries = []
@@ -97,6 +98,7 @@ def make_manifest(
         description=description,
         labels=dict(labels or {}),
         drift_reference=drift_reference,
+        min_version=min_version,
     )
     # Round-trip through the strict decoder so a publisher can never sign what a device rejects.
     return Manifest.decode(manifest.encode())

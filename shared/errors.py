@@ -15,7 +15,8 @@ Every error raised by edgefleet code derives from :class:`EdgefleetError`. Forei
     ├── BundleError                     a bundle that must not be installed
     │   ├── BundleIntegrityError        hash/size/file-list mismatch with the signed manifest
     │   ├── UnsafeArchiveError          links, special files, path escapes, oversize content
-    │   └── IncompatibleBundleError     runtime/arch the device cannot serve
+    │   ├── IncompatibleBundleError     runtime/arch/accelerator the device cannot serve
+    │   └── DowngradeError              older than the version floor a newer manifest set
     ├── TransferError (retryable)       a download that did not complete; try again
     ├── RuntimeLoadError                the model would not load in its runtime
     ├── InferenceError                  a request the model cannot answer (shape, dtype, name)
@@ -107,3 +108,9 @@ class BrokerError(EdgefleetError):
     """The embedded MQTT broker (mosquitto or amqtt) would not start, answer, or stop."""
 
     code = "broker_failed"
+
+
+class DowngradeError(BundleError):
+    """A bundle older than the floor a newer, installed manifest set (rollback attack or mistake)."""
+
+    code = "downgrade_refused"

@@ -101,6 +101,8 @@ class Manifest:
     description: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     drift_reference: dict[str, Any] | None = None
+    # Publisher-set rollback floor: once a device installed this bundle, it refuses versions below.
+    min_version: str | None = None
 
     def file(self, path: str) -> FileEntry:
         """The entry for ``path``; :class:`KeyError` if absent."""
@@ -129,6 +131,7 @@ class Manifest:
             "description": self.description,
             "labels": dict(self.labels),
             "drift_reference": self.drift_reference,
+            **({"min_version": self.min_version} if self.min_version is not None else {}),
         }
 
     def encode(self) -> bytes:
@@ -147,7 +150,7 @@ class Manifest:
             raw,
             "manifest",
             {"schema", "name", "version", "runtime", "model_file", "files", "inputs", "outputs", "created_at"},
-            {"compatibility", "description", "labels", "drift_reference"},
+            {"compatibility", "description", "labels", "drift_reference", "min_version"},
         )
         runtime = get_str(raw, "runtime", "manifest")
         if runtime not in RUNTIMES:
@@ -175,4 +178,5 @@ class Manifest:
             description=get_str(raw, "description", "manifest", max_len=4096) if "description" in raw else "",
             labels=get_str_map(raw, "labels", "manifest") if "labels" in raw else {},
             drift_reference=drift,
+            min_version=get_str(raw, "min_version", "manifest", pattern=VERSION_RE) if "min_version" in raw else None,
         )

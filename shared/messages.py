@@ -506,3 +506,57 @@ class DeviceStatus:
             online=raw["online"],
             ts=get_float(raw, "ts", "status"),
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RejectionEvent:
+    """A device refused a message (``edgefleet.event/v1``, kind rejected): a desired state that was
+    replayed, expired, for another device or badly signed, or a keyring version that did not verify.
+
+    The running models are untouched; the event tells the operator why nothing happened.
+    """
+
+    event_id: str
+    device_id: str
+    ts: float
+    subject: str  # "desired" | "keyring"
+    code: str
+    message: str
+
+    def encode(self) -> bytes:
+        return dumps(
+            {
+                "schema": "edgefleet.event/v1",
+                "kind": "rejected",
+                "event_id": self.event_id,
+                "device_id": self.device_id,
+                "ts": self.ts,
+                "subject": self.subject,
+                "code": self.code,
+                "message": self.message,
+            }
+        )
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RejectionEvent:
+        check_keys(raw, "event", {"schema", "kind", "event_id", "device_id", "ts", "subject", "code", "message"})
+        subject = get_str(raw, "subject", "event", max_len=32)
+        if subject not in ("desired", "keyring"):
+            raise MessageError(f"event.subject: unknown subject {subject!r}")
+        return cls(
+            event_id=get_str(raw, "event_id", "event", max_len=64),
+            device_id=get_str(raw, "device_id", "event", pattern=DEVICE_ID_RE),
+            ts=get_float(raw, "ts", "event"),
+            subject=subject,
+            code=get_str(raw, "code", "event", max_len=64),
+            message=get_str(raw, "message", "event", max_len=2048),
+        )
+
+
+def decode_event(data: bytes) -> DeploymentEvent | RejectionEvent:
+    """Decode anything published on a device's ``events`` topic, by its ``kind``."""
+    raw = loads_object(data, "event", MAX_MESSAGE_BYTES)
+    check_schema(raw, "event", 1)
+    if raw.get("kind") == "rejected":
+        return RejectionEvent.from_dict(raw)
+    return DeploymentEvent.decode(data)

@@ -13,6 +13,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from shared.errors import ConfigError
+
 MAX_INFLIGHT_MESSAGES = 20  # count
 
 
@@ -30,6 +32,8 @@ def make_client(
     username: str | None = None,
     password: str | None = None,
     tls_ca_file: str | None = None,
+    tls_cert_file: str | None = None,
+    tls_key_file: str | None = None,
     reconnect_min_s: float = 0.5,
     reconnect_max_s: float = 30.0,
 ) -> mqtt.Client:
@@ -37,6 +41,12 @@ def make_client(
 
     MQTT 3.1.1 because it is what every broker speaks, the embedded one included; nothing in the
     protocol needs MQTT 5.
+
+    TLS is on when any ``tls_*`` file is given (see :func:`configure_tls`).
+
+    Raises:
+        ConfigError: Only one of ``tls_cert_file`` and ``tls_key_file``, or TLS files that
+            cannot be read or do not belong together.
     """
     client = mqtt.Client(
         callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -51,6 +61,41 @@ def make_client(
     client.reconnect_delay_set(min_delay=max(1, int(reconnect_min_s)), max_delay=max(1, int(reconnect_max_s)))
     if username is not None:
         client.username_pw_set(username, password)
-    if tls_ca_file is not None:
-        client.tls_set(ca_certs=tls_ca_file, cert_reqs=ssl.CERT_REQUIRED)
+    configure_tls(client, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file)
     return client
+
+
+def check_tls_files(tls_cert_file: str | None, tls_key_file: str | None) -> None:
+    """Refuse a client certificate without its key or the other way round.
+
+    Raises:
+        ConfigError: Exactly one of the two is given.
+    """
+    if (tls_cert_file is None) != (tls_key_file is None):
+        raise ConfigError("a client certificate needs both tls_cert_file and tls_key_file")
+
+
+def configure_tls(
+    client: mqtt.Client,
+    *,
+    tls_ca_file: str | None = None,
+    tls_cert_file: str | None = None,
+    tls_key_file: str | None = None,
+) -> bool:
+    """Turn on TLS for ``client`` when any file is given; return whether it did.
+
+    The broker's certificate is always verified, host name included, against ``tls_ca_file``
+    (or the system's CAs when it is None: a broker with a public certificate). A client
+    certificate is presented when ``tls_cert_file`` and ``tls_key_file`` are given.
+
+    Raises:
+        ConfigError: Only one of cert and key, or files that cannot be read or do not match.
+    """
+    check_tls_files(tls_cert_file, tls_key_file)
+    if tls_ca_file is None and tls_cert_file is None:
+        return False
+    try:
+        client.tls_set(ca_certs=tls_ca_file, certfile=tls_cert_file, keyfile=tls_key_file, cert_reqs=ssl.CERT_REQUIRED)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"cannot set up MQTT TLS: {exc}") from exc
+    return True

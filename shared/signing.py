@@ -195,3 +195,18 @@ def open_envelope(
 def random_token(nbytes: int = 16) -> str:
     """A random URL-safe identifier."""
     return base64.urlsafe_b64encode(os.urandom(nbytes)).rstrip(b"=").decode()
+
+
+def stored_envelope_payload(data: bytes, *, payload_type: str) -> bytes:
+    """The payload of an envelope that was verified before it was stored locally.
+
+    Only for an agent's own persisted state: the signing key may have rotated since, and
+    re-verifying would lock the device out of its accepted desired state.
+    """
+    try:
+        envelope = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise MessageError(f"stored envelope is not JSON: {exc}") from exc
+    if not isinstance(envelope, dict) or envelope.get("payloadType") != payload_type:
+        raise MessageError(f"stored envelope is not of type {payload_type}")
+    return _b64(envelope.get("payload"), "payload")

@@ -22,6 +22,8 @@ from shared.errors import MessageError
 from shared.strict import DEVICE_ID_RE
 
 ROOT = "edgefleet/v1/devices"
+KEYRING_ROOT = "edgefleet/v1/trust/keyring"  # fleet-wide, retained, one topic per version: readable by all
+KEYRING_SUBSCRIPTION = KEYRING_ROOT + "/+"
 
 
 class Leaf(StrEnum):
@@ -44,6 +46,11 @@ def device_topic(device_id: str, leaf: Leaf) -> str:
     if not DEVICE_ID_RE.match(device_id):
         raise ValueError(f"invalid device id {device_id!r}")
     return f"{ROOT}/{device_id}/{leaf}"
+
+
+def keyring_topic(version: int) -> str:
+    """Where keyring ``version`` is published (retained)."""
+    return f"{KEYRING_ROOT}/{version}"
 
 
 def control_plane_subscriptions(share_group: str | None = None) -> list[str]:

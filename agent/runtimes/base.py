@@ -119,6 +119,19 @@ class LoadedModel(abc.ABC):
             InferenceError: If an input is missing or unknown, or has the wrong dtype, rank or
                 shape, or the runtime fails on the request.
         """
+        self.validate(inputs)
+        return self._run(inputs)
+
+    def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Check ``inputs`` against the signature without running the model.
+
+        :meth:`predict` calls it first; the dynamic batcher calls it on each request before
+        queueing it, so that a bad request fails alone instead of failing the batch it would join.
+
+        Raises:
+            InferenceError: If an input is missing or unknown, or has the wrong dtype, rank or
+                shape.
+        """
         for check in self._checks:
             array = inputs.get(check.name)
             if array is None:
@@ -150,7 +163,6 @@ class LoadedModel(abc.ABC):
             raise InferenceError(
                 f"{self._label()}: unknown input(s) {unknown}; the model takes {[check.name for check in self._checks]}"
             )
-        return self._run(inputs)
 
     @abc.abstractmethod
     def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -171,7 +171,7 @@ def test_ready_without_models() -> None:
 def test_server_metadata(client: Client) -> None:
     response = client.get("/v2")
     assert response.status_code == 200
-    assert response.json() == {"name": "edge-test", "version": "9.9", "extensions": []}
+    assert response.json() == {"name": "edge-test", "version": "9.9", "extensions": ["binary_tensor_data"]}
 
 
 @pytest.mark.parametrize("path", ["/v2/models/tiny", "/v2/models/tiny/versions/1"])
@@ -300,7 +300,8 @@ def one_input(**override: Any) -> dict[str, Any]:
         (one_input(data=[1e39, 0, 0, 0]), 400, ("out of range for FP32",)),
         (one_input(data=[{"a": 1}, 0, 0, 0]), 400, ("'input'",)),
         (one_input(data="0.1,0.2"), 400, ("'data' must be a list",)),
-        (one_input(data=None, parameters={"binary_data_size": 16}), 400, ("binary tensor data extension",)),
+        (one_input(data=None, parameters={"binary_data_size": 16}), 400,
+         ("binary_data_size needs the Inference-Header-Content-Length header",)),
         ({"inputs": []}, 400, ("'inputs' must be a non-empty list",)),
         ({"inputs": {"name": "input"}}, 400, ("'inputs' must be a non-empty list",)),
         ({"inputs": ["input"]}, 400, ("inputs[0] must be an object",)),
@@ -309,8 +310,12 @@ def one_input(**override: Any) -> dict[str, Any]:
         ({**one_input(), "id": 7}, 400, ("'id' must be a string",)),
         ({**one_input(), "outputs": [{"name": "logits"}]}, 400, ("no output 'logits'",)),
         ({**one_input(), "outputs": "probabilities"}, 400, ("'outputs' must be a list",)),
-        ({**one_input(), "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}, 400,
-         ("binary tensor data extension",)),
+        ({**one_input(), "outputs": [{"name": "probabilities", "parameters": {"binary_data": "yes"}}]}, 400,
+         ("'binary_data' must be true or false",)),
+        ({**one_input(), "outputs": [{"name": "probabilities", "parameters": {"classification": 2}}]}, 400,
+         ("classification extension is not supported",)),
+        ({**one_input(), "parameters": {"binary_data_output": 1}}, 400, ("'binary_data_output' must be true or false",)),
+        ({**one_input(), "parameters": []}, 400, ("'parameters' must be an object",)),
         ({"inputs": one_input()["inputs"] * 2}, 400, ("given twice",)),
     ],
 )  # fmt: skip
@@ -356,15 +361,6 @@ def test_body_over_the_limit_is_413(registry: DictRegistry) -> None:
 
         assert_error(small.post("/v2/models/tiny/infer", content=chunks()), 413, "200-byte limit")
         assert small.post("/v2/models/tiny/infer", json=one_input()).status_code == 200
-
-
-def test_binary_extension_header_is_400(client: Client) -> None:
-    response = client.post(
-        "/v2/models/tiny/infer",
-        content=json.dumps(one_input()).encode(),
-        headers={"inference-header-content-length": "10"},
-    )
-    assert_error(response, 400, "binary tensor data extension")
 
 
 def test_unknown_route_and_wrong_method(client: Client) -> None:

@@ -1,0 +1,462 @@
+"""Trustworthy delivery, with real processes: SIGKILL in every state, a full disk, a cut network.
+
+A real control plane and real agent processes talk through a real Mosquitto. Each scenario
+checks what the control plane recorded (its deployments API), what the agent serves (its KServe
+v2 API, against onnxruntime run directly on the expected model), and what the agent left on
+disk (``state.json``, its model slots, its downloads): nothing lost, nothing half-installed.
+
+* Every deployment state: agents run with ``EDGEFLEET_FAULT_PAUSE_AT=<state>`` (see
+  :mod:`agent.faults`), are SIGKILLed while paused there, and restarted; the deployment must end
+  as :data:`agent.deployment.RECOVERY` says. All states run at once, one device each.
+* Disk full while staging: the agent's data dir is a small tmpfs in its own mount namespace.
+* Network cut mid-transfer, and a stalled transfer superseded by a newer desired state: the
+  agent reaches the broker through :class:`tcp_proxy.TcpProxy`, which the test throttles,
+  cuts and stalls; a paho subscriber on the broker itself records every chunk request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from tcp_proxy import TcpProxy
+
+from agent.config import TransferConfig
+from agent.state_store import STATE_FILE, AgentState
+from control_plane.client import EdgefleetClient
+from control_plane.demo import direct_predict, v2_infer
+from control_plane.demo_models import INPUT_NAME, OUTPUT_NAME, build_onnx_mlp, make_mlp_weights
+from control_plane.embedded_broker import MosquittoBroker
+from control_plane.local_fleet import AgentProcess, LocalFleet
+from shared.chunks import ChunkRequest, chunk_count
+from shared.topics import ROOT, Leaf, parse_device_topic
+
+N_INPUTS = 32
+KILL_STATES = ("downloading", "verifying", "staging", "activating", "health_checking", "rolling_back", "done")
+ROLLED_BACK_STATES = ("activating", "health_checking", "rolling_back")  # RECOVERY: roll back
+FAULT_PAUSE_S = 60  # the agent sits in the state until killed; far longer than the test needs
+HEARTBEAT_S = 1.0  # crash devices report often, so a premature "serving" would reach the control plane
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model file the test published, and the bundle the control plane made of it."""
+
+    name: str
+    version: str
+    path: Path
+    digest: str
+    size: int
+
+    @property
+    def slot(self) -> str:
+        return f"{self.version}-{self.digest[7:19]}"
+
+
+def failing_onnx() -> bytes:
+    """Loads in onnxruntime, fails on the agent's warm-up input: Reshape ``[batch, 32]`` to ``[7, 5]``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", [INPUT_NAME, "shape"], [OUTPUT_NAME])],
+        "fails_at_run_time",
+        inputs=[helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", N_INPUTS])],
+        outputs=[helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [7, 5])],
+        initializer=[helper.make_tensor("shape", TensorProto.INT64, [2], [7, 5])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def mlp_onnx(seed: int, hidden: tuple[int, ...] = (16,)) -> bytes:
+    return build_onnx_mlp(make_mlp_weights(n_inputs=N_INPUTS, hidden=hidden, n_outputs=4, seed=seed))
+
+
+@dataclass
+class Fleet:
+    fleet: LocalFleet
+    client: EdgefleetClient
+    broker: MosquittoBroker
+    models: dict[str, Model]
+    requests: ChunkRequestWatcher
+
+
+class ChunkRequestWatcher:
+    """Every ``chunks/request`` the broker forwards, by device, as a plain subscriber sees it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._lock = threading.Lock()
+        self._seen: list[tuple[str, ChunkRequest]] = []
+        subscribed = threading.Event()
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"watch-chunks-{os.getpid()}")
+        self._client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{ROOT}/+/{Leaf.CHUNK_REQUEST}", qos=1)
+        self._client.on_subscribe = lambda *a: subscribed.set()
+        self._client.on_message = self._on_message
+        self._client.connect(host, port)
+        self._client.loop_start()
+        if not subscribed.wait(10):
+            raise RuntimeError("the chunk request watcher could not subscribe")
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        device_id, _ = parse_device_topic(msg.topic)
+        with self._lock:
+            self._seen.append((device_id, ChunkRequest.decode(msg.payload)))
+
+    def mark(self) -> int:
+        """A position: :meth:`since` returns what arrived after it."""
+        with self._lock:
+            return len(self._seen)
+
+    def since(self, mark: int, device_id: str, digest: str | None = None) -> list[ChunkRequest]:
+        with self._lock:
+            seen = self._seen[mark:]
+        return [r for d, r in seen if d == device_id and (digest is None or r.bundle_digest == digest)]
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, mosquitto: MosquittoBroker) -> Iterator[Fleet]:
+    workdir = tmp_path_factory.mktemp("crash")
+    local = LocalFleet(workdir, broker_host=mosquitto.host, broker_port=mosquitto.port)
+    watcher = ChunkRequestWatcher(mosquitto.host, mosquitto.port)
+    client = local.start_control_plane()
+    try:
+        sources = {
+            "crash/1.0.0": mlp_onnx(1),
+            "crash/2.0.0": mlp_onnx(2),
+            "crash/2.0.0-bad": failing_onnx(),
+            "disk/1.0.0": mlp_onnx(4),
+            "disk/2.0.0": mlp_onnx(5, hidden=(1024, 1280)),  # ~5.3 MiB: downloads, cannot also unpack
+            "disk/3.0.0": mlp_onnx(6),
+            "net/1.0.0": mlp_onnx(7, hidden=(768, 960)),  # ~3 MiB: ~190 chunks of 16 KiB
+            "stuck/1.0.0": mlp_onnx(8),
+            "stuck/2.0.0": mlp_onnx(9),
+            "stuck/3.0.0": mlp_onnx(10),
+        }
+        models = {}
+        for key, data in sources.items():
+            name, version = key.split("/")
+            path = workdir / "models" / f"{name}-{version}.onnx"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            row = client.push_model(path, name=name, version=version)
+            models[key] = Model(name, version, path, row["bundle_digest"], row["bundle_size"])
+        yield Fleet(local, client, mosquitto, models, watcher)
+    finally:
+        watcher.close()
+        codes = local.stop()
+        client.close()
+    assert all(code in (0, -signal.SIGTERM) for code in codes.values()), codes
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _wait(what: str, condition: Callable[[], bool], timeout_s: float = 30.0, poll_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+def _deploy(f: Fleet, key: str, devices: list[str], timeout_s: float = 60.0) -> dict[str, dict[str, Any]]:
+    """Deploy and wait for every device's outcome; returns the deployments by device."""
+    model = f.models[key]
+    created = f.client.deploy(model.name, model.version, devices=devices)
+    done = f.client.wait_for_deployments([d["id"] for d in created], timeout_s=timeout_s)
+    return {d["device_id"]: d for d in done}
+
+
+def _state(agent: AgentProcess) -> AgentState:
+    """The agent's state file, parsed strictly (a torn or inconsistent file fails here)."""
+    return AgentState.from_dict(json.loads((agent.data_dir / STATE_FILE).read_text()))
+
+
+def _assert_serves(agent: AgentProcess, model: Model) -> None:
+    """The agent's v2 API serves exactly ``model`` and answers what onnxruntime says it should."""
+    x = np.random.default_rng(3).standard_normal((4, N_INPUTS)).astype(np.float32)
+    with httpx.Client(timeout=10) as http:
+        meta = http.get(f"{agent.api_url}/v2/models/{model.name}").json()
+        assert meta["versions"] == [model.version], meta
+        got = v2_infer(http, agent.api_url, model.name, x)
+    np.testing.assert_allclose(got, direct_predict("onnx", model.path, x), atol=1e-5)
+
+
+def _assert_installed(
+    agent: AgentProcess, active: Model, slots: set[str], *, check_downloads: bool = True
+) -> AgentState:
+    """Nothing half-installed: the state is settled, the disk holds exactly ``slots``, no download is left."""
+    state = _state(agent)
+    assert state.in_progress is None, state.in_progress
+    assert state.active[active.name].bundle_digest == active.digest
+    model_dir = agent.data_dir / "models" / active.name
+    assert {p.name for p in model_dir.iterdir()} == slots
+    assert (model_dir / state.active[active.name].slot / state.active[active.name].model_file).is_file()
+    assert not list((agent.data_dir / "models").glob("*/*.unpacking"))
+    if check_downloads:
+        assert [p.name for p in (agent.data_dir / "downloads").iterdir()] == [], "download files left behind"
+    return state
+
+
+def _start_all(fleet: LocalFleet, starts: dict[str, dict[str, Any]]) -> dict[str, AgentProcess]:
+    """Start (or restart) several agents at once: each pays seconds of imports, in parallel."""
+    with ThreadPoolExecutor(len(starts)) as pool:
+        futures = {d: pool.submit(fleet.start_agent, d, **kwargs) for d, kwargs in starts.items()}
+        return {d: future.result() for d, future in futures.items()}
+
+
+# -- SIGKILL in every deployment state -----------------------------------------------------------
+
+
+@dataclass
+class CrashRun:
+    """What one device went through: the deployment it was killed in, and what it ended as."""
+
+    state: str
+    device_id: str
+    target: Model
+    stored_before_kill: AgentState | None = None
+    status_at_kill: str = ""
+    deployment: dict[str, Any] = field(default_factory=dict)
+    requests_after_restart: list[ChunkRequest] = field(default_factory=list)
+
+
+def _device(state: str) -> str:
+    return "crash-" + state.replace("_", "-")
+
+
+@pytest.fixture(scope="module")
+def crash_runs(fleet: Fleet) -> dict[str, CrashRun]:
+    """Run every kill state at once: install v1, pause the next deployment in the state, SIGKILL, restart."""
+    f = fleet
+    runs = {
+        s: CrashRun(s, _device(s), f.models["crash/2.0.0-bad" if s == "rolling_back" else "crash/2.0.0"])
+        for s in KILL_STATES
+    }
+    devices = [r.device_id for r in runs.values()]
+    config = {"config": {"heartbeat_interval_s": HEARTBEAT_S}}
+    agents = _start_all(f.fleet, {d: config for d in devices})
+    f.fleet.wait_for_devices(f.client, devices)
+    assert {d: x["status"] for d, x in _deploy(f, "crash/1.0.0", devices).items()} == dict.fromkeys(
+        devices, "succeeded"
+    )
+
+    with ThreadPoolExecutor(len(devices)) as pool:
+        list(pool.map(lambda a: a.process.stop(), agents.values()))
+    agents = _start_all(
+        f.fleet,
+        {
+            r.device_id: {"env": {"EDGEFLEET_FAULT_PAUSE_AT": r.state, "EDGEFLEET_FAULT_PAUSE_S": str(FAULT_PAUSE_S)}}
+            for r in runs.values()
+        },
+    )
+    deployment_ids = {}
+    for target in {r.target.version for r in runs.values()}:
+        model = next(r.target for r in runs.values() if r.target.version == target)
+        on = [r.device_id for r in runs.values() if r.target.version == target]
+        for created in f.client.deploy(model.name, model.version, devices=on):
+            deployment_ids[created["device_id"]] = created["id"]
+    for run in runs.values():
+        log_path = agents[run.device_id].process.log_path
+        _wait(f"{run.device_id} to pause in {run.state}", lambda p=log_path, s=run.state: f"fault pause at {s}" in (
+            p.read_text(errors="replace")
+        ))
+    # Paused for several heartbeats: a model reported "serving" before its health check passed
+    # would have reached the control plane by now and been taken for success.
+    time.sleep(3 * HEARTBEAT_S)
+    for run in runs.values():
+        agent = agents[run.device_id]
+        agent.process.signal(signal.SIGKILL)
+        assert agent.process.popen.wait(timeout=10) == -signal.SIGKILL
+        run.stored_before_kill = _state(agent)
+        run.status_at_kill = f.client.deployment(deployment_ids[run.device_id])["status"]
+
+    mark = f.requests.mark()
+    agents = _start_all(f.fleet, {r.device_id: {} for r in runs.values()})
+    done = f.client.wait_for_deployments(list(deployment_ids.values()), timeout_s=60)
+    by_device = {r.device_id: r for r in runs.values()}
+    for deployment in done:
+        by_device[deployment["device_id"]].deployment = deployment
+    # Long enough for a wrongful retry of a rolled-back bundle to start asking for chunks.
+    time.sleep(1.5)
+    for run in runs.values():
+        run.requests_after_restart = f.requests.since(mark, run.device_id)
+    return runs
+
+
+@pytest.mark.parametrize("state", KILL_STATES)
+def test_sigkill_in_each_state_recovers_per_the_table(fleet: Fleet, crash_runs: dict[str, CrashRun], state: str) -> None:
+    run = crash_runs[state]
+    agent = fleet.fleet.agents[run.device_id]
+    v1 = fleet.models["crash/1.0.0"]
+    assert run.stored_before_kill is not None
+    assert run.stored_before_kill.in_progress is not None, "the state was persisted before the step"
+    assert run.stored_before_kill.in_progress.state == state
+    # DONE is persisted after the health check passed: from then on "serving" is the truth.
+    expected_at_kill = {"succeeded", "pending"} if state == "done" else {"pending"}
+    assert run.status_at_kill in expected_at_kill, "an outcome was reported before the deployment ended"
+
+    if state in ROLLED_BACK_STATES:
+        assert run.deployment["status"] == "failed_rolled_back", run.deployment
+        assert run.deployment["error_code"] == "agent_restarted"
+        _assert_serves(agent, v1)
+        stored = _assert_installed(agent, v1, {v1.slot})
+        assert stored.failed == {"crash": run.target.digest}, "a rolled-back bundle must not be retried"
+        assert run.requests_after_restart == [], "the rolled-back bundle was fetched again"
+    else:
+        assert run.deployment["status"] == "succeeded", run.deployment
+        _assert_serves(agent, run.target)
+        stored = _assert_installed(agent, run.target, {v1.slot, run.target.slot})
+        assert stored.failed == {}
+        if state != "downloading":  # the bundle was complete on disk: resumed, not fetched again
+            assert run.requests_after_restart == []
+    reported = fleet.client.device(run.device_id)["reported"]
+    serving = run.target if run.deployment["status"] == "succeeded" else v1
+    assert [(m["name"], m["version"], m["state"]) for m in reported["models"]] == [
+        ("crash", serving.version, "serving")
+    ]
+
+
+# -- disk full while staging ---------------------------------------------------------------------
+
+TMPFS_BYTES = 8 * 1024 * 1024  # holds the big bundle once, not twice
+
+
+def test_disk_full_while_staging_changes_nothing_and_a_later_state_deploys(fleet: Fleet) -> None:
+    f = fleet
+    v1, big, v3 = f.models["disk/1.0.0"], f.models["disk/2.0.0"], f.models["disk/3.0.0"]
+    assert big.size < TMPFS_BYTES < 2 * big.size
+    agent = f.fleet.start_agent("disk-dev", data_tmpfs_bytes=TMPFS_BYTES)
+    try:
+        assert Path(agent.data_dir).exists(), "the agent's private tmpfs is not reachable through /proc"
+        assert _deploy(f, "disk/1.0.0", ["disk-dev"])["disk-dev"]["status"] == "succeeded"
+
+        failed = _deploy(f, "disk/2.0.0", ["disk-dev"])["disk-dev"]
+        assert failed["status"] == "failed_no_change", failed
+        assert "No space left on device" in failed["message"], "it failed, but not for lack of space"
+        _assert_serves(agent, v1)
+        stored = _assert_installed(agent, v1, {v1.slot})
+        assert stored.failed == {"disk": big.digest}  # (and _assert_installed: its download no longer fills the disk)
+        reported = f.client.device("disk-dev")["reported"]
+        assert [(m["version"], m["state"]) for m in reported["models"]] == [(v1.version, "serving")]
+
+        # A failed deployment never blocks a later desired state.
+        assert _deploy(f, "disk/3.0.0", ["disk-dev"])["disk-dev"]["status"] == "succeeded"
+        _assert_serves(agent, v3)
+        _assert_installed(agent, v3, {v1.slot, v3.slot})
+    finally:
+        agent.process.stop()
+
+
+# -- the network between agent and broker --------------------------------------------------------
+
+
+def _have(agent: AgentProcess, model: Model, chunk_size: int) -> set[int]:
+    """The chunk indices the agent has verified and stored (its ``.have`` file)."""
+    path = agent.data_dir / "downloads" / f"{model.digest[7:]}.have"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return set()
+    assert struct.unpack_from(">I", raw)[0] == chunk_size
+    return {struct.unpack_from(">I", raw, offset)[0] for offset in range(4, len(raw) - 3, 4)}
+
+
+def test_a_transfer_cut_mid_way_resumes_from_the_verified_chunks(fleet: Fleet) -> None:
+    f = fleet
+    model = f.models["net/1.0.0"]
+    chunk_size = 16 * 1024
+    total = chunk_count(model.size, chunk_size)
+    # Throttled so the transfer takes ~2 s and can be cut in the middle.
+    with TcpProxy(f.broker.host, f.broker.port, down_bytes_per_s=1.5e6) as proxy:
+        agent = f.fleet.start_agent(
+            "net-dev",
+            config={
+                "broker_port": proxy.port,
+                "transfer": TransferConfig(chunk_size_bytes=chunk_size, chunk_timeout_s=1.0),
+            },
+        )
+        try:
+            f.fleet.wait_for_devices(f.client, ["net-dev"])
+            mark = f.requests.mark()
+            created = f.client.deploy(model.name, model.version, devices=["net-dev"])
+            _wait("a quarter of the chunks", lambda: len(_have(agent, model, chunk_size)) >= total // 4, poll_s=0.01)
+            assert proxy.cut() >= 1
+            time.sleep(0.5)  # whatever was already in the agent's socket buffer lands now
+            stored = _have(agent, model, chunk_size)
+            before = f.requests.since(mark, "net-dev", model.digest)
+            assert 0 in stored and len(stored) < total, f"cut too late: {len(stored)} of {total} chunks stored"
+            time.sleep(0.5)
+            assert f.requests.since(mark, "net-dev", model.digest) == before, "requests got through a cut network"
+            proxy.restore()
+
+            done = f.client.wait_for_deployments([created[0]["id"]], timeout_s=60)
+            assert done[0]["status"] == "succeeded", done
+            after = f.requests.since(mark, "net-dev", model.digest)[len(before) :]
+            asked_again = {i for r in after for i in r.indices}
+            assert after, "the transfer finished without asking after the cut: it was not cut mid-way"
+            assert asked_again.isdisjoint(stored), f"stored chunks asked for again: {sorted(asked_again & stored)}"
+            assert proxy.accepted >= 2, "the agent did not reconnect through the proxy"
+            _assert_serves(agent, model)
+            _assert_installed(agent, model, {model.slot})
+        finally:
+            agent.process.stop()
+
+
+def test_a_stuck_transfer_is_superseded_by_a_newer_desired_state(fleet: Fleet) -> None:
+    f = fleet
+    v1, v2, v3 = f.models["stuck/1.0.0"], f.models["stuck/2.0.0"], f.models["stuck/3.0.0"]
+    with TcpProxy(f.broker.host, f.broker.port) as proxy:
+        agent = f.fleet.start_agent("stuck-dev", config={"broker_port": proxy.port})
+        try:
+            f.fleet.wait_for_devices(f.client, ["stuck-dev"])
+            assert _deploy(f, "stuck/1.0.0", ["stuck-dev"])["stuck-dev"]["status"] == "succeeded"
+            mark = f.requests.mark()
+
+            # Agent -> broker goes silent: desired states still arrive, chunk requests never leave.
+            proxy.pause("up")
+            stuck = f.client.deploy(v2.name, v2.version, devices=["stuck-dev"])[0]
+
+            def in_progress() -> Any:
+                return _state(agent).in_progress
+
+            _wait("the v2 download to start", lambda: in_progress() is not None and in_progress().version == v2.version)
+            time.sleep(1.0)
+            assert f.requests.since(mark, "stuck-dev") == [], "the stall let a chunk request through"
+            assert in_progress().state == "downloading" and in_progress().version == v2.version
+
+            newer = f.client.deploy(v3.name, v3.version, devices=["stuck-dev"])[0]
+            # Still stalled: the stuck download gives way at once, not after its chunk timeouts.
+            _wait("v3 to replace the stuck v2", lambda: in_progress() is not None and in_progress().version == "3.0.0",
+                  timeout_s=5)
+            proxy.resume("up")
+
+            done = f.client.wait_for_deployments([newer["id"]], timeout_s=60)
+            assert done[0]["status"] == "succeeded", done
+            assert f.client.deployment(stuck["id"])["status"] == "superseded"
+            _assert_serves(agent, v3)
+            # The abandoned v2 transfer keeps its (empty, sparse) resume files: the transfer
+            # owns them and nothing here says v2 will not be desired again.
+            _assert_installed(agent, v3, {v1.slot, v3.slot}, check_downloads=False)
+            assert f.requests.since(mark, "stuck-dev", v3.digest), "v3 came without chunk requests?"
+        finally:
+            agent.process.stop()

@@ -1,0 +1,614 @@
+"""The reconciler against fakes: every outcome, every recovery entry, and desired-state handling.
+
+A :class:`Device` is what one agent boot holds: a real :class:`StateStore` on ``tmp_path``, a real
+:class:`ModelHost` with real ONNX Runtime sessions, a :class:`FakeFetcher` that hands over bundles
+built and signed in the test (or fails the way a transfer can), and an in-memory list of what
+was published. :meth:`Device.reboot` starts a new one on the same data directory, which is what
+an agent restarted after SIGKILL sees.
+
+"Killed in state S" is simulated by replacing the reconciler's fault pause point with one that
+raises :class:`Killed` (a ``BaseException``, so no ``except Exception`` swallows it) right after
+S was persisted: the files on disk are then exactly what a SIGKILL there leaves behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import agent.reconciler as reconciler_module
+from agent.config import AgentConfig, TrustConfig
+from agent.deployment import RECOVERY, Recovery, State
+from agent.model_host import ModelHost
+from agent.reconciler import Reconciler
+from agent.runtimes import load_model
+from agent.state_store import STATE_FILE, AgentState, InProgress, StateStore
+from agent.transfer import Cancelled
+from control_plane.demo_models import build_onnx_mlp, make_mlp_weights, reference_predict
+from shared.bundle import build_bundle, make_manifest
+from shared.errors import TransferError
+from shared.messages import DeploymentEvent, DesiredState, ModelDirective, Outcome, ReportedState
+from shared.signing import SigningKey
+from shared.topics import Leaf
+
+DEVICE = "unit-dev"
+MODEL = "clf"
+PUBLISHER = SigningKey.generate()
+ONLINE = SigningKey.generate()
+STRANGER = SigningKey.generate()  # trusted by nobody
+N_INPUTS = 8
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL at a pause point: nothing after it runs."""
+
+
+# -- models and bundles ------------------------------------------------------------------------
+
+
+def good_model(seed: int) -> bytes:
+    return build_onnx_mlp(make_mlp_weights(n_inputs=N_INPUTS, hidden=(8,), n_outputs=3, seed=seed))
+
+
+def failing_model() -> bytes:
+    """Loads fine, fails at run time: a Reshape of ``[batch, 8]`` to ``[7, 5]`` (35 elements)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [7, 5])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "shape"], ["probabilities"])],
+        "fails_at_run_time",
+        inputs=[helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", N_INPUTS])],
+        outputs=[helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [7, 5])],
+        initializer=[shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    return model.SerializeToString()
+
+
+@dataclass(frozen=True)
+class Release:
+    """A signed bundle of one model version, as the control plane would publish it."""
+
+    name: str
+    version: str
+    bundle: Path
+    digest: str
+    size: int
+    seed: int | None  # None: not an MLP (the failing model)
+
+    @property
+    def slot(self) -> str:
+        return f"{self.version}-{self.digest[7:19]}"
+
+    def directive(self) -> ModelDirective:
+        return ModelDirective(
+            name=self.name, version=self.version, bundle_digest=self.digest, bundle_size=self.size, runtime="onnx"
+        )
+
+
+def make_release(
+    directory: Path, version: str, model: bytes, *, seed: int | None, key: SigningKey = PUBLISHER,
+    manifest_version: str | None = None,
+) -> Release:
+    directory.mkdir(parents=True, exist_ok=True)
+    model_path = directory / f"{version}.onnx"
+    model_path.write_bytes(model)
+    loaded = load_model("onnx", model_path, name=MODEL, version=version)
+    try:
+        inputs, outputs = loaded.inputs, loaded.outputs
+    finally:
+        loaded.close()
+    manifest = make_manifest(
+        name=MODEL, version=manifest_version or version, runtime="onnx", model_file="model.onnx",
+        files={"model.onnx": model_path}, inputs=inputs, outputs=outputs,
+    )
+    bundle = directory / f"{version}.bundle"
+    digest = build_bundle(bundle, manifest, {"model.onnx": model_path}, [key])
+    return Release(MODEL, version, bundle, digest, bundle.stat().st_size, seed)
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Release]:
+    d = tmp_path_factory.mktemp("releases")
+    return {
+        "v1": make_release(d, "1.0.0", good_model(1), seed=1),
+        "v2": make_release(d, "2.0.0", good_model(2), seed=2),
+        "v3": make_release(d, "3.0.0", good_model(3), seed=3),
+        "bad": make_release(d, "2.0.0-bad", failing_model(), seed=None),
+        "unsigned": make_release(d, "2.0.0-stranger", good_model(2), seed=2, key=STRANGER),
+        "mislabelled": make_release(d, "2.0.0-label", good_model(2), seed=2, manifest_version="9.9.9"),
+    }
+
+
+# -- fakes -------------------------------------------------------------------------------------
+
+
+class FakeFetcher:
+    """Hands over prepared bundles by digest, or fails / hangs the way a transfer can."""
+
+    def __init__(self, downloads: Path, releases: dict[str, Release]) -> None:
+        self.downloads = downloads
+        self.downloads.mkdir(parents=True, exist_ok=True)
+        self.by_digest = {r.digest: r for r in releases.values()}
+        self.calls: list[str] = []
+        self.failures: dict[str, BaseException] = {}
+        self.hang: set[str] = set()  # these never complete: wait for cancel
+        self.hanging = threading.Event()
+
+    def fetch(self, digest: str, size: int, cancel: threading.Event) -> Path:
+        self.calls.append(digest)
+        if digest in self.hang:
+            self.hanging.set()
+            if not cancel.wait(timeout=10):
+                raise TransferError("test fetch hung for 10 s without being cancelled")
+            raise Cancelled("a newer desired state superseded this download")
+        if digest in self.failures:
+            raise self.failures[digest]
+        release = self.by_digest[digest]
+        assert size == release.size
+        dest = self.downloads / f"{digest.removeprefix('sha256:')}.bundle"
+        shutil.copyfile(release.bundle, dest)  # the reconciler may delete what it was given
+        return dest
+
+
+class Device:
+    """One boot of an agent: store, host, reconciler, fetcher, and what it published."""
+
+    def __init__(self, data_dir: Path, releases: dict[str, Release], *, slots_kept: int = 2) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = data_dir
+        self.releases = releases
+        self.config = AgentConfig(
+            device_id=DEVICE,
+            data_dir=data_dir,
+            trust=TrustConfig(publisher_keys=(PUBLISHER.public_hex,), online_keys=(ONLINE.public_hex,)),
+            slots_kept_per_model=slots_kept,
+        )
+        self.store = StateStore(data_dir)
+        self.host = ModelHost()
+        self.fetcher = FakeFetcher(data_dir / "downloads", releases)
+        self.published: list[tuple[Leaf, bytes, bool]] = []
+        self.reconciler = Reconciler(
+            self.config, self.store, self.host, self.fetcher, lambda leaf, payload, retain: self.published.append(
+                (leaf, payload, retain)
+            ),
+        )
+
+    def reboot(self) -> Device:
+        """The agent after SIGKILL: a fresh process on the same data directory, booted like Agent.start."""
+        self.host.close_all()
+        device = Device(self.data_dir, self.releases, slots_kept=self.config.slots_kept_per_model)
+        device.reconciler.recover()
+        device.reconciler.load_active()
+        return device
+
+    def events(self) -> list[DeploymentEvent]:
+        return [DeploymentEvent.decode(p) for leaf, p, _ in self.published if leaf is Leaf.EVENTS]
+
+    def outcomes(self) -> list[tuple[str, Outcome]]:
+        return [(e.version, e.outcome) for e in self.events()]
+
+    def last_reported(self) -> ReportedState:
+        return [ReportedState.decode(p) for leaf, p, _ in self.published if leaf is Leaf.REPORTED][-1]
+
+    def offer(self, sequence: int, *releases: Release, **kwargs: object) -> bytes:
+        envelope = desired(sequence, *releases, **kwargs)  # type: ignore[arg-type]
+        self.reconciler.offer_desired(envelope)
+        return envelope
+
+    def reconcile(self) -> bool:
+        """One turn of :meth:`Reconciler.run`'s loop: take the wake-up, then reconcile."""
+        self.reconciler._wake.clear()
+        self.reconciler._cancel.clear()
+        return self.reconciler.reconcile_once()
+
+    def deploy(self, sequence: int, *releases: Release) -> bool:
+        self.offer(sequence, *releases)
+        return self.reconcile()
+
+    def serving_version(self) -> str | None:
+        model = self.host.get(MODEL)
+        return None if model is None else model.version
+
+    def slots(self) -> set[str]:
+        directory = self.data_dir / "models" / MODEL
+        return {p.name for p in directory.iterdir()} if directory.exists() else set()
+
+    def on_disk(self) -> AgentState:
+        """What a next boot would read (not the in-memory copy)."""
+        return StateStore(self.data_dir).state
+
+    def assert_serves(self, release: Release) -> None:
+        """The host serves ``release`` and computes what its weights compute."""
+        assert self.serving_version() == release.version
+        assert release.seed is not None
+        x = np.random.default_rng(0).standard_normal((3, N_INPUTS)).astype(np.float32)
+        got = self.host.get(MODEL).predict({"input": x})["probabilities"]  # type: ignore[union-attr]
+        expected = reference_predict(make_mlp_weights(n_inputs=N_INPUTS, hidden=(8,), n_outputs=3, seed=release.seed), x)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+    def assert_clean(self) -> None:
+        """Nothing half-installed: no deployment pending, no unpacking debris, no bundle left over."""
+        state = self.on_disk()
+        assert state.in_progress is None
+        assert state == self.store.state
+        assert not list((self.data_dir / "models").glob("*/*.unpacking"))
+        assert not list(self.fetcher.downloads.iterdir()), "a downloaded bundle was left behind"
+        for active in state.active.values():
+            assert (self.data_dir / "models" / active.name / active.slot / active.model_file).is_file()
+
+
+def desired(
+    sequence: int, *releases: Release, device_id: str = DEVICE, key: SigningKey = ONLINE, ttl_s: float = 3600,
+    issued_at: float | None = None,
+) -> bytes:
+    issued = time.time() if issued_at is None else issued_at
+    state = DesiredState(
+        device_id=device_id, sequence=sequence, issued_at=issued, expires_at=issued + ttl_s,
+        models=tuple(r.directive() for r in releases),
+    )
+    return state.seal(key)
+
+
+@pytest.fixture
+def device(tmp_path: Path, releases: dict[str, Release]) -> Iterator[Device]:
+    dev = Device(tmp_path / "agent-data", releases)
+    yield dev
+    dev.host.close_all()
+
+
+def kill_at(monkeypatch: pytest.MonkeyPatch, state: str) -> None:
+    """Make the next deployment 'die' right after it persisted ``state``."""
+
+    def pause_point(current: str) -> None:
+        if current == state:
+            raise Killed(current)
+
+    monkeypatch.setattr(reconciler_module, "pause_point", pause_point)
+
+
+# -- outcomes ----------------------------------------------------------------------------------
+
+
+def test_succeeded_installs_serves_and_reports(device: Device, releases: dict[str, Release]) -> None:
+    assert device.deploy(1, releases["v1"]) is False
+    assert device.outcomes() == [("1.0.0", Outcome.SUCCEEDED)]
+    device.assert_serves(releases["v1"])
+    assert device.slots() == {releases["v1"].slot}
+    state = device.on_disk()
+    assert state.active[MODEL].bundle_digest == releases["v1"].digest
+    assert state.applied_sequence == state.accepted_sequence == 1
+    assert device.last_reported().models[0].state == "serving"
+    device.assert_clean()
+
+
+def test_succeeded_keeps_the_previous_slot_and_prunes_older_ones(device: Device, releases: dict[str, Release]) -> None:
+    device.deploy(1, releases["v1"])
+    device.deploy(2, releases["v2"])
+    assert device.slots() == {releases["v1"].slot, releases["v2"].slot}
+    assert device.on_disk().active[MODEL].version == "2.0.0"
+    device.deploy(3, releases["v3"])
+    assert device.outcomes() == [(v, Outcome.SUCCEEDED) for v in ("1.0.0", "2.0.0", "3.0.0")]
+    assert device.slots() == {releases["v2"].slot, releases["v3"].slot}, "slots_kept_per_model = 2"
+    device.assert_serves(releases["v3"])
+    device.assert_clean()
+
+
+def test_failed_no_change_when_the_transfer_fails_is_retried(device: Device, releases: dict[str, Release]) -> None:
+    device.deploy(1, releases["v1"])
+    device.fetcher.failures[releases["v2"].digest] = TransferError("chunks stopped coming")
+    assert device.deploy(2, releases["v2"]) is True, "a transfer failure is retryable"
+    assert device.outcomes()[-1] == ("2.0.0", Outcome.FAILED_NO_CHANGE)
+    assert device.events()[-1].error_code == TransferError.code
+    assert MODEL not in device.on_disk().failed, "a retryable failure must not block a retry"
+    device.assert_serves(releases["v1"])
+    del device.fetcher.failures[releases["v2"].digest]
+    assert device.reconcile() is False  # the retry, same desired state
+    assert device.outcomes()[-1] == ("2.0.0", Outcome.SUCCEEDED)
+    device.assert_serves(releases["v2"])
+    device.assert_clean()
+
+
+def test_failed_no_change_when_the_disk_fills_while_staging(
+    device: Device, releases: dict[str, Release], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device.deploy(1, releases["v1"])
+    real_extract = reconciler_module.extract_bundle
+
+    def extract_until_full(bundle: Path, dest: Path, **kwargs: object) -> object:
+        def no_space(*args: object, **kw: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with monkeypatch.context() as m:  # the real extraction, with every file write failing
+            m.setattr("shared.bundle._copy_hashed", no_space)
+            return real_extract(bundle, dest, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reconciler_module, "extract_bundle", extract_until_full)
+    assert device.deploy(2, releases["v2"]) is False, "disk full is not retried under the same desired state"
+    assert device.outcomes()[-1] == ("2.0.0", Outcome.FAILED_NO_CHANGE)
+    assert device.events()[-1].error_code == "OSError"
+    device.assert_serves(releases["v1"])
+    assert device.slots() == {releases["v1"].slot}
+    assert device.on_disk().failed == {MODEL: releases["v2"].digest}
+    device.assert_clean()  # includes: the downloaded bundle was dropped, giving its space back
+    # A later desired state is not blocked by the failure.
+    monkeypatch.setattr(reconciler_module, "extract_bundle", real_extract)
+    device.deploy(3, releases["v3"])
+    assert device.outcomes()[-1] == ("3.0.0", Outcome.SUCCEEDED)
+    device.assert_serves(releases["v3"])
+
+
+def test_failed_rolled_back_when_the_health_check_fails(device: Device, releases: dict[str, Release]) -> None:
+    device.deploy(1, releases["v1"])
+    assert device.deploy(2, releases["bad"]) is False
+    assert device.outcomes()[-1] == ("2.0.0-bad", Outcome.FAILED_ROLLED_BACK)
+    assert device.events()[-1].error_code  # the runtime's reason travels with the outcome
+    device.assert_serves(releases["v1"])
+    state = device.on_disk()
+    assert state.active[MODEL].bundle_digest == releases["v1"].digest
+    assert state.failed == {MODEL: releases["bad"].digest}
+    assert device.slots() == {releases["v1"].slot}, "the rolled-back slot is removed"
+    assert device.last_reported().models[0].version == "1.0.0"
+    device.assert_clean()
+    # Not retried under the same desired state.
+    device.reconcile()
+    assert device.fetcher.calls.count(releases["bad"].digest) == 1
+
+
+def test_failed_unable_to_roll_back_when_the_previous_slot_is_gone(
+    device: Device, releases: dict[str, Release]
+) -> None:
+    device.deploy(1, releases["v1"])
+    (device.data_dir / "models" / MODEL / releases["v1"].slot / "model.onnx").unlink()
+    device.deploy(2, releases["bad"])
+    assert device.outcomes()[-1] == ("2.0.0-bad", Outcome.FAILED_UNABLE_TO_ROLL_BACK)
+    assert device.serving_version() is None
+    state = device.on_disk()
+    assert MODEL not in state.active and state.in_progress is None
+    assert state.failed == {MODEL: releases["bad"].digest}
+    assert device.last_reported().models == ()
+    # A later desired state recovers the device.
+    device.deploy(3, releases["v3"])
+    assert device.outcomes()[-1] == ("3.0.0", Outcome.SUCCEEDED)
+    device.assert_serves(releases["v3"])
+
+
+@pytest.mark.parametrize("kind", ["unsigned", "mislabelled"])
+def test_rejected_is_not_retried_under_the_same_desired_state_but_is_under_a_new_one(
+    device: Device, releases: dict[str, Release], kind: str
+) -> None:
+    device.deploy(1, releases["v1"])
+    bad = releases[kind]
+    assert device.deploy(2, bad) is False
+    assert device.outcomes()[-1] == (bad.version, Outcome.REJECTED)
+    device.assert_serves(releases["v1"])
+    assert device.slots() == {releases["v1"].slot}
+    assert device.on_disk().failed == {MODEL: bad.digest}
+    device.assert_clean()  # a bundle that failed verification is never kept
+    device.reconcile()
+    device.reconcile()
+    assert device.fetcher.calls.count(bad.digest) == 1, "retried under the same desired state"
+    assert len(device.events()) == 2
+    device.offer(3, bad)  # the operator asks again
+    assert device.on_disk().failed == {}
+    device.reconcile()
+    assert device.fetcher.calls.count(bad.digest) == 2
+    assert device.outcomes()[-1] == (bad.version, Outcome.REJECTED)
+
+
+def test_a_hung_download_is_superseded_by_a_newer_desired_state(
+    device: Device, releases: dict[str, Release]
+) -> None:
+    device.deploy(1, releases["v1"])
+    device.fetcher.hang.add(releases["v2"].digest)
+    device.offer(2, releases["v2"])
+    worker = threading.Thread(target=device.reconcile)
+    worker.start()
+    assert device.fetcher.hanging.wait(5)
+    assert device.on_disk().in_progress is not None and device.on_disk().in_progress.state == "downloading"
+    device.offer(3, releases["v3"])  # paho's thread, while the worker is stuck in the transfer
+    worker.join(5)
+    assert not worker.is_alive(), "the stuck download was not cancelled"
+    assert device.outcomes() == [("1.0.0", Outcome.SUCCEEDED), ("2.0.0", Outcome.FAILED_NO_CHANGE)]
+    assert device.events()[-1].error_code == Cancelled.code
+    assert MODEL not in device.on_disk().failed, "superseded is not a failure of the bundle"
+    device.reconcile()  # what the worker does next: it was woken by the offer
+    assert device.outcomes()[-1] == ("3.0.0", Outcome.SUCCEEDED)
+    device.assert_serves(releases["v3"])
+    device.assert_clean()
+
+
+# -- offer_desired: verification, duplicates, replays --------------------------------------------
+
+
+def test_offer_accepts_a_newer_state_and_persists_it_before_anything_runs(
+    device: Device, releases: dict[str, Release]
+) -> None:
+    envelope = device.offer(5, releases["v1"])
+    state = device.on_disk()
+    assert (state.accepted_sequence, state.desired_envelope) == (5, envelope.decode())
+    assert device.fetcher.calls == [] and device.published == []
+    assert not device.reconciler.idle.is_set()
+
+
+def test_offer_ignores_the_retained_duplicate_and_refuses_replays(
+    device: Device, releases: dict[str, Release], caplog: pytest.LogCaptureFixture
+) -> None:
+    device.offer(5, releases["v2"])
+    newest = device.reconciler.offer_desired  # for brevity
+    accepted = device.on_disk()
+    before = (device.data_dir / STATE_FILE).read_bytes()
+
+    caplog.clear()
+    newest(accepted.desired_envelope.encode())  # type: ignore[union-attr]  # the broker's retained copy
+    assert not [r for r in caplog.records if "refused" in r.getMessage()], "a duplicate is not an attack"
+
+    refused = {
+        "replay of an older state": desired(4, releases["v1"]),
+        "same sequence, other content": desired(5, releases["v1"]),
+        "another device's state": desired(6, releases["v1"], device_id="other-dev"),
+        "expired": desired(7, releases["v1"], issued_at=time.time() - 7200),
+        "signed by an untrusted key": desired(8, releases["v1"], key=STRANGER),
+        "not a desired state at all": b'{"payloadType": "x"}',
+    }
+    for what, envelope in refused.items():
+        caplog.clear()
+        newest(envelope)
+        assert [r for r in caplog.records if "refused" in r.getMessage()], f"{what}: not logged as refused"
+        assert (device.data_dir / STATE_FILE).read_bytes() == before, f"{what}: changed the stored state"
+    assert device.store.state == accepted
+
+
+def test_a_restarted_agent_reconciles_its_stored_state_and_ignores_the_retained_copy(
+    device: Device, releases: dict[str, Release]
+) -> None:
+    envelope = device.offer(3, releases["v1"])  # accepted, then the agent dies before deploying
+    rebooted = device.reboot()
+    rebooted.reconciler.offer_desired(envelope)  # the broker delivers the retained copy on connect
+    assert rebooted.on_disk().accepted_sequence == 3
+    rebooted.reconcile()  # no replay from the broker needed
+    assert rebooted.outcomes() == [("1.0.0", Outcome.SUCCEEDED)]
+    rebooted.reconcile()
+    assert rebooted.fetcher.calls == [releases["v1"].digest], "deployed twice"
+    rebooted.host.close_all()
+
+
+def test_a_new_desired_state_clears_recorded_failures(device: Device, releases: dict[str, Release]) -> None:
+    device.deploy(1, releases["v1"])
+    device.deploy(2, releases["bad"])
+    assert device.on_disk().failed == {MODEL: releases["bad"].digest}
+    device.offer(3, releases["v3"])
+    assert device.on_disk().failed == {}
+
+
+# -- recovery: killed in every state --------------------------------------------------------------
+
+# The deployment that is interrupted, by the state it is killed in: a good bundle everywhere except
+# rolling_back, which a good bundle never reaches.
+KILLED_DEPLOYMENT = {s: "v2" for s in State} | {State.ROLLING_BACK: "bad"}
+
+
+def _expected_after_recovery(state: State) -> tuple[Outcome, str]:
+    action = RECOVERY[state]
+    if action is Recovery.ROLL_BACK:
+        return Outcome.FAILED_ROLLED_BACK, "v1"
+    return Outcome.SUCCEEDED, "v2"  # RESTART: done again; NOTHING: it had already succeeded
+
+
+def _interrupt(device: Device, releases: dict[str, Release], state: State, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leave ``device``'s data directory as a crash in ``state`` would."""
+    target = releases[KILLED_DEPLOYMENT[state]]
+    if state is State.PENDING:
+        # The reconciler never persists PENDING (START is persisted as DOWNLOADING), but the
+        # table covers it: write it as an older agent or a crash-safe future change might.
+        device.offer(2, target)
+        d = target.directive()
+        device.store.update(
+            in_progress=InProgress(
+                sequence=2, name=d.name, version=d.version, bundle_digest=d.bundle_digest, bundle_size=d.bundle_size,
+                runtime=d.runtime, state=State.PENDING.value, started_at=time.time(),
+                previous=device.store.state.active[MODEL],
+            )
+        )
+        return
+    kill_at(monkeypatch, state.value)
+    with pytest.raises(Killed):
+        device.deploy(2, target)
+    monkeypatch.setattr(reconciler_module, "pause_point", lambda current: None)
+    assert device.on_disk().in_progress.state == state.value  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("state", list(State), ids=[s.value for s in State])
+def test_killed_in_every_state_recovers_per_the_table(
+    device: Device, releases: dict[str, Release], state: State, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device.deploy(1, releases["v1"])
+    _interrupt(device, releases, state, monkeypatch)
+    killed = releases[KILLED_DEPLOYMENT[state]]
+    outcome, survivor = _expected_after_recovery(state)
+
+    rebooted = device.reboot()
+    rebooted.reconcile()
+    rebooted.reconcile()  # and nothing more happens afterwards
+
+    assert rebooted.outcomes() == [(killed.version, outcome)], "exactly one outcome reported after the restart"
+    rebooted.assert_serves(releases[survivor])
+    state_after = rebooted.on_disk()
+    assert state_after.active[MODEL].bundle_digest == releases[survivor].digest
+    if RECOVERY[state] is Recovery.ROLL_BACK:
+        assert rebooted.events()[0].error_code == "agent_restarted"
+        assert state_after.failed == {MODEL: killed.digest}, "a rolled-back bundle must not be retried"
+        assert rebooted.fetcher.calls == []
+        assert rebooted.slots() == {releases["v1"].slot}
+    elif RECOVERY[state] is Recovery.RESTART:
+        assert rebooted.fetcher.calls == [killed.digest]
+        assert rebooted.slots() == {releases["v1"].slot, killed.slot}
+    else:
+        assert rebooted.fetcher.calls == []
+        assert rebooted.slots() == {releases["v1"].slot, killed.slot}
+    rebooted.assert_clean()
+    rebooted.host.close_all()
+
+
+def test_the_recovery_cases_cover_the_table() -> None:
+    assert set(KILLED_DEPLOYMENT) == set(RECOVERY) == set(State)
+
+
+def test_killed_mid_unpack_leaves_no_debris_after_recovery(
+    device: Device, releases: dict[str, Release], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device.deploy(1, releases["v1"])
+
+    def killed_while_writing(bundle: Path, dest: Path, **kwargs: object) -> None:
+        debris = dest.with_name(dest.name + ".unpacking")
+        debris.mkdir(parents=True)
+        (debris / "model.onnx").write_bytes(b"half a model")
+        raise Killed("staging")
+
+    monkeypatch.setattr(reconciler_module, "extract_bundle", killed_while_writing)
+    with pytest.raises(Killed):
+        device.deploy(2, releases["v2"])
+    # The desired state moves on before the agent comes back: nothing will redo this unpack.
+    device.offer(3, releases["v1"])
+    monkeypatch.undo()
+    rebooted = device.reboot()
+    assert not list((device.data_dir / "models").glob("*/*.unpacking"))
+    rebooted.reconcile()
+    rebooted.assert_serves(releases["v1"])
+    assert rebooted.slots() == {releases["v1"].slot}
+    rebooted.host.close_all()
+
+
+@pytest.mark.parametrize("state", [State.ACTIVATING, State.HEALTH_CHECKING, State.ROLLING_BACK])
+def test_an_unproven_model_is_never_reported_serving(
+    device: Device, releases: dict[str, Release], state: State, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control plane counts "serving" as success: a model mid-health-check must not say so."""
+    device.deploy(1, releases["v1"])
+    seen: list[ReportedState] = []
+
+    def pause_point(current: str) -> None:
+        if current == state.value:
+            seen.append(device.reconciler.reported_state())  # what a heartbeat would send now
+
+    monkeypatch.setattr(reconciler_module, "pause_point", pause_point)
+    device.deploy(2, releases[KILLED_DEPLOYMENT[state]])
+    assert len(seen) == 1
+    unproven = releases[KILLED_DEPLOYMENT[state]].digest
+    assert not [m for m in seen[0].models if m.bundle_digest == unproven and m.state == "serving"]
+
+
+def test_state_file_round_trips(device: Device, releases: dict[str, Release]) -> None:
+    device.deploy(1, releases["v1"])
+    device.deploy(2, releases["bad"])
+    assert AgentState.from_dict(device.store.state.to_dict()) == device.on_disk() == device.store.state
