@@ -210,10 +210,10 @@ class DynamicBatcher:
                 return
             else:
                 item = self._queue.get()
-                if item is _STOP:
+                if not isinstance(item, _Pending):  # _STOP
                     stopping = True
                     continue
-                first = item  # type: ignore[assignment]
+                first = item
             batch = [first]
             if first.key is not None and first.rows < self.max_batch_size:
                 stopping = self._gather(batch, carry, stopping)
@@ -245,10 +245,10 @@ class DynamicBatcher:
                 item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is _STOP:
+            if not isinstance(item, _Pending):  # _STOP
                 stopping = True
                 break
-            pending: _Pending = item  # type: ignore[assignment]
+            pending = item
             if pending.key == first.key and rows + pending.rows <= limit:
                 batch.append(pending)
                 rows += pending.rows
@@ -322,8 +322,10 @@ class BatcherPool:
     """The batchers of one inference API: one per loaded model batching applies to, made on first use."""
 
     def __init__(self, config: BatchingConfig) -> None:
-        """Args:
-        config: Which models to batch, and how.
+        """Create an empty pool.
+
+        Args:
+            config: Which models to batch, and how.
         """
         self.config = config
         # None marks a model looked at and not batched, so the lookup is one dict probe.

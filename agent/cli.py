@@ -38,7 +38,12 @@ def run(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    Agent(cfg).run_until(stop)
+    try:
+        agent = Agent(cfg)
+    except EdgefleetError as exc:  # e.g. unreadable TLS files or keyring
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    agent.run_until(stop)
 
 
 @app.command("init-config")

@@ -76,7 +76,7 @@ class TransferConfig:
     """Bundle download: over MQTT in chunks, or over HTTP(S) with range requests."""
 
     chunk_size_bytes: int = 64 * 1024  # under the 128 KiB message limit common on managed brokers
-    window_chunks: int = 16  # requested but not yet received; paho is slower with large windows
+    window_chunks: int = 32  # requested, not yet received: 2 MiB in flight (16: a third slower on loopback)
     chunk_timeout_s: float = 5.0  # no chunk for this long: ask again for the missing ones
     max_attempts_per_chunk: int = 20
     max_bundle_bytes: int = 2 * 1024**3
@@ -197,6 +197,8 @@ def _check_ranges(config: AgentConfig) -> None:
             "transfer.chunk_size_bytes must be between 1 KiB and 8 MiB",
         ),
         (config.transfer.window_chunks >= 1, "transfer.window_chunks must be at least 1"),
+        (config.transfer.http_timeout_s > 0, "transfer.http_timeout_s must be positive"),
+        (config.transfer.chunk_timeout_s > 0, "transfer.chunk_timeout_s must be positive"),
         (config.transfer.max_attempts_per_chunk >= 1, "transfer.max_attempts_per_chunk must be at least 1"),
         (1 <= config.broker.port <= 65535, "broker.port must be 1..65535"),
         (1 <= config.api.port <= 65535, "api.port must be 1..65535"),

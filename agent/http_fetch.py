@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,7 +90,7 @@ class HttpFetcher:
         self._base = base.rstrip("/") if base else None
         self._limiter = limiter or BandwidthLimiter(config.bandwidth_limit_bytes_per_s)
         self._transport = transport
-        self._http: httpx.Client | None = None  # made on first use: creating one costs 50-90 ms (TLS setup)
+        self._tls: ssl.SSLContext | None = None  # made once: loading the CA bundle costs 20-90 ms a time
         self.stats = {"requests": 0, "bytes_received": 0, "retries": 0}
 
     def sources(self, digest: str, urls: Sequence[str] = ()) -> tuple[str, ...]:
@@ -98,12 +99,6 @@ class HttpFetcher:
         if self._config.prefer_http and self._base is not None:
             out.append(self._base + BUNDLE_ROUTE.format(digest=digest))
         return tuple(out)
-
-    def close(self) -> None:
-        """Close the pooled HTTP connections (the fetcher opens new ones if used again)."""
-        if self._http is not None:
-            self._http.close()
-            self._http = None
 
     def fetch(self, digest: str, size: int, urls: Sequence[str], cancel: threading.Event) -> Path:
         """Download ``digest`` (``size`` bytes) from the first of ``urls`` that delivers it.
@@ -124,36 +119,41 @@ class HttpFetcher:
             raise BundleIntegrityError(f"bundle is {size} bytes, over max_bundle_bytes {self._config.max_bundle_bytes}")
         if not urls:
             raise TransferError(f"no HTTP source for {digest}")
-        download = PartialDownload(self._dir, digest, size, self._config.chunk_size_bytes)
-        try:
-            failures: list[str] = []
-            last: TransferError | None = None
-            for url in urls:
-                try:
-                    self._fetch_from(url, download, cancel)
-                    break
-                except TransferError as exc:
-                    log.warning("HTTP download of %s from %s failed: %s", digest[:19], url, exc)
-                    failures.append(f"{url}: {exc}")
-                    last = exc
-            else:
-                raise TransferError(f"no HTTP source delivered {digest}: " + "; ".join(failures)) from last
-        except BaseException:
-            download.close()
-            raise
+        if self._tls is None:
+            self._tls = httpx.create_ssl_context()
+        with httpx.Client(
+            timeout=httpx.Timeout(self._config.http_timeout_s),
+            verify=self._tls,
+            transport=self._transport,
+            follow_redirects=True,
+            headers={"Accept-Encoding": "identity"},  # byte offsets must be the file's
+        ) as client:
+            download = PartialDownload(self._dir, digest, size, self._config.chunk_size_bytes)
+            try:
+                self._fetch_any(client, urls, download, cancel)
+            except BaseException:
+                download.close()  # the progress stays on disk for the next attempt
+                raise
         return download.finish(final)
+
+    def _fetch_any(
+        self, client: httpx.Client, urls: Sequence[str], download: PartialDownload, cancel: threading.Event
+    ) -> None:
+        failures: list[str] = []
+        last: TransferError | None = None
+        for url in urls:
+            try:
+                self._fetch_from(client, url, download, cancel)
+                return
+            except TransferError as exc:
+                log.warning("HTTP download of %s from %s failed: %s", download.digest[:19], url, exc)
+                failures.append(f"{url}: {exc}")
+                last = exc
+        raise TransferError(f"no HTTP source delivered {download.digest}: " + "; ".join(failures)) from last
 
     # -- one source ------------------------------------------------------------------------------
 
-    def _fetch_from(self, url: str, download: PartialDownload, cancel: threading.Event) -> None:
-        if self._http is None:
-            self._http = httpx.Client(
-                timeout=httpx.Timeout(self._config.http_timeout_s),
-                transport=self._transport,
-                follow_redirects=True,
-                headers={"Accept-Encoding": "identity"},  # byte offsets must be the file's
-            )
-        client = self._http
+    def _fetch_from(self, client: httpx.Client, url: str, download: PartialDownload, cancel: threading.Event) -> None:
         failures = 0
         reached: int | None = None  # exact byte reached by the previous attempt in this call
         while True:

@@ -223,7 +223,12 @@ class Reconciler:
                 continue
             self._wake.clear()
             self._cancel.clear()
-            retry = self.reconcile_once()
+            try:
+                retry = self.reconcile_once()
+            except (EdgefleetError, OSError):
+                # E.g. state.json cannot be written (disk full): keep serving, try again later.
+                log.exception("reconcile failed; retrying in %.0f s", RETRY_DELAY_S)
+                retry = True
             if retry:
                 stop.wait(RETRY_DELAY_S)
                 self._wake.set()
@@ -255,8 +260,20 @@ class Reconciler:
         retry |= self._reconcile_shadows(desired)
         if not retry and not self._wake.is_set():
             self._store.update(applied_sequence=desired.sequence)
+            self._collect_downloads(desired)
         self.publish_reported()
         return retry
+
+    def _collect_downloads(self, desired: DesiredState) -> None:
+        """Delete partial or complete downloads of bundles no longer desired (superseded transfers)."""
+        keep = {m.bundle_digest.removeprefix("sha256:") for m in desired.models}
+        keep |= {m.shadow.bundle_digest.removeprefix("sha256:") for m in desired.models if m.shadow is not None}
+        downloads = self._config.data_dir / "downloads"
+        if not downloads.is_dir():
+            return
+        for path in downloads.iterdir():
+            if path.name.split(".", 1)[0] not in keep:
+                path.unlink(missing_ok=True)
 
     # -- one deployment ----------------------------------------------------------------------
 
@@ -424,10 +441,15 @@ class Reconciler:
             assert step.outcome is not None
             outcome = step.outcome
         retryable = failure.event is Event.FAIL and isinstance(cause, EdgefleetError) and cause.retryable
-        if failure.event is not Event.SUPERSEDE and not retryable:
+        if retryable:
+            # Not an outcome: the same desired state is tried again shortly, and the control plane
+            # keeps the deployment pending until a final outcome arrives.
+            self._store.update(in_progress=None)
+            return True
+        if failure.event is not Event.SUPERSEDE:
             self._store.update(failed={**self._store.state.failed, progress.name: progress.bundle_digest})
         self._finish(progress, outcome, code, str(cause))
-        return retryable
+        return False
 
     def _roll_back(self, progress: InProgress) -> Outcome:
         previous = progress.previous
@@ -455,7 +477,10 @@ class Reconciler:
     def _discard_failed_slot(self, progress: InProgress) -> None:
         """Remove the slot of a deployment that was rolled back: nothing serves it or rolls back to it."""
         slot = _slot_name(progress.version, progress.bundle_digest)
-        if progress.previous is None or progress.previous.slot != slot:
+        in_use = {s.slot for s in self._store.state.shadows.values() if s.name == progress.name}
+        if progress.previous is not None:
+            in_use.add(progress.previous.slot)
+        if slot not in in_use:  # e.g. a promoted shadow's slot: the shadow still runs from it
             shutil.rmtree(self._models_dir / progress.name / slot, ignore_errors=True)
 
     def _is_active(self, progress: InProgress) -> bool:
@@ -627,7 +652,11 @@ class Reconciler:
         runner = ShadowRunner(
             model, bundle_digest=entry.bundle_digest, sample_rate=entry.sample_rate, limits=self._shadow_limits
         )
-        old = self._host.attach_shadow(entry.name, runner)
+        try:
+            old = self._host.attach_shadow(entry.name, runner)
+        except KeyError:  # the serving model went away meanwhile: try again on the next pass
+            runner.close()
+            return False
         if old is not None:
             old.close()
         self._put_shadow(dataclasses.replace(entry, state="running"))

@@ -109,7 +109,9 @@ class Agent:
         self._threads.append(thread)
 
     def _start_api(self) -> None:
-        app = create_inference_app(self.host, max_request_bytes=self.config.api.max_request_bytes)
+        app = create_inference_app(
+            self.host, max_request_bytes=self.config.api.max_request_bytes, batching=self.config.batching
+        )
         config = uvicorn.Config(
             app,
             host=self.config.api.host,

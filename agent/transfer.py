@@ -304,8 +304,7 @@ class ChunkFetcher:
                 )
             active.retry.append(i)
         room = self._config.window_chunks - len(active.outstanding)
-        # Only top up when half the window is free: fewer, larger requests.
-        if room < max(1, self._config.window_chunks // 2):
+        if room < self._topup_room():
             return []
         have = active.download.have
         wanted: list[int] = []
@@ -340,7 +339,21 @@ class ChunkFetcher:
                 self._cond.notify_all()
                 return
             self._store(active, message)
-            self._cond.notify_all()
+            # Wake the fetch thread only when it has something to do: a wake-up per chunk costs a
+            # GIL hand-over on paho's thread for every 64 KiB (a third of the throughput, measured).
+            if self._fetch_has_work(active):
+                self._cond.notify_all()
+
+    def _topup_room(self) -> int:
+        # Top up only when half the window is free: fewer, larger requests.
+        return max(1, self._config.window_chunks // 2)
+
+    def _fetch_has_work(self, active: _Active) -> bool:
+        download = active.download
+        if download.complete:
+            return True
+        more_to_ask = bool(active.retry) or active.next_new < download.total
+        return more_to_ask and self._config.window_chunks - len(active.outstanding) >= self._topup_room()
 
     def _store(self, active: _Active, chunk: Chunk) -> None:
         download = active.download

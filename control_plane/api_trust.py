@@ -223,7 +223,10 @@ def enroll(body: EnrollRequest, session: SessionDep, cp: ControlPlaneDep) -> Enr
     return EnrollResponse(
         device_id=enrollment.device_id,
         broker=BrokerCredentials(
-            host=cp.broker_host, port=cp.broker_port, username=enrollment.device_id, password=password
+            host=cp.settings.device_broker_host or cp.broker_host,
+            port=cp.settings.device_broker_port or cp.broker_port,
+            username=enrollment.device_id,
+            password=password,
         ),
         keyring=keyring.raw.decode(),
         keyring_version=keyring.version,

@@ -12,18 +12,20 @@ state and chunks, and write only its own reported state, events, status and chun
   high queue limit, 20 in flight, a packet size limit, persistence).
 * ``passwd``: Mosquitto 2.0's ``user:$7$<iterations>$<salt b64>$<hash b64>`` (PBKDF2-SHA512),
   computed here so no ``mosquitto_passwd`` binary is needed.
-* ``acl``: ``pattern`` lines with ``%u`` that give every user exactly its own device subtree,
-  and ``topic readwrite`` on every device subtree for the control-plane user(s).
+* ``acl``: ``pattern`` lines with ``%u`` that give every user exactly its own device subtree
+  and read access to the fleet-wide keyring topics, and ``topic readwrite`` on all of them for
+  the control-plane user(s).
 
-How a client proves who it is depends on :class:`ClientAuth`:
+How a client proves who it is on the TLS listener depends on :class:`ClientAuth`:
 
-================== =========================== ===========================================
-mode               TLS listener requires       MQTT identity (the ACL's ``%u``)
-================== =========================== ===========================================
-certificate        a client cert from our CA   the certificate's CN (``use_identity_as_username``)
-certificate+password  cert from our CA + password  the user name, checked against ``passwd``
-password           nothing (server auth only)  the user name, checked against ``passwd``
-================== =========================== ===========================================
+* ``certificate``: a client certificate from our CA; its CN *is* the identity the ACL's ``%u``
+  stands for (``use_identity_as_username``), whatever user name the client sends.
+* ``certificate+password`` (the default): a client certificate from our CA *and* a user name and
+  password from ``passwd``; the user name is the identity. A stolen key or a stolen password
+  alone is not enough, and deleting the ``passwd`` line revokes the device.
+* ``password``: TLS with server authentication only, plus user name and password.
+
+The loopback plaintext listener always takes user name and password.
 
 Every listener sets ``use_username_as_clientid``: a client's session is named after its
 identity, so no device can take over another client's session (the control plane's included)
@@ -409,30 +411,37 @@ class BrokerPaths:
 
     @property
     def config(self) -> Path:
+        """``mosquitto.conf``."""
         return self.directory / "mosquitto.conf"
 
     @property
     def password_file(self) -> Path:
+        """``passwd``: user name -> ``$7$`` hash."""
         return self.directory / "passwd"
 
     @property
     def acl_file(self) -> Path:
+        """``acl``."""
         return self.directory / "acl"
 
     @property
     def ca_cert(self) -> Path:
+        """The CA certificate clients and the broker verify against."""
         return self.directory / "ca.crt"
 
     @property
     def server_cert(self) -> Path:
+        """The broker's TLS certificate."""
         return self.directory / "server.crt"
 
     @property
     def server_key(self) -> Path:
+        """The broker's TLS key (mode 0600)."""
         return self.directory / "server.key"
 
     @property
     def spec(self) -> Path:
+        """The :class:`BrokerSpec` the files were generated from (``add-device`` reads it)."""
         return self.directory / SPEC_FILE
 
     def client_dir(self, identity: str) -> Path:
@@ -758,6 +767,7 @@ def write_broker_config(
     """
     now = now or datetime.now(UTC)
     device_ids = _check_devices(devices, spec)
+    out_dir = Path(os.path.abspath(out_dir))  # the snippets name files by absolute path
     paths = BrokerPaths(out_dir)
     install = BrokerPaths(Path(spec.install_dir) if spec.install_dir else out_dir)
     existing = _read_password_file(paths.password_file)
@@ -832,7 +842,7 @@ def add_broker_client(
         ConfigError: ``out_dir`` holds no generated config, or the id is invalid or reserved.
     """
     now = now or datetime.now(UTC)
-    paths = BrokerPaths(out_dir)
+    paths = BrokerPaths(Path(os.path.abspath(out_dir)))
     try:
         spec = BrokerSpec.from_json(paths.spec.read_text())
     except OSError as exc:

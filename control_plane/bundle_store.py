@@ -4,9 +4,20 @@ A bundle's name is the sha256 of its bytes, so a stored file never changes, stor
 bytes twice is a no-op, and a cached chunk can never be stale.
 
 Serving chunks over MQTT is the hot path: a fleet rolling out one bundle asks for the same
-chunks many times. :meth:`BundleStore.read_chunk` keeps recently read chunks in an LRU bounded
-by ``cache_bytes`` and a few file descriptors open (``os.pread``: no seek, no shared offset),
-so the hundredth device costs a dictionary lookup instead of a disk read.
+chunks many times. :meth:`BundleStore.read_chunk` keeps chunks in memory, bounded by
+``cache_bytes``, and a few file descriptors open (``os.pread``: no seek, no shared offset), so the
+hundredth device costs a dictionary lookup instead of a disk read.
+
+Devices read a bundle front to back, so a plain LRU fails exactly when it matters: for a bundle
+larger than the cache, each read evicts the chunk the next device will need soonest, and every
+device that comes later reads the whole bundle from disk again (measured in
+``tests/unit/test_chunk_cache.py``). The cache is therefore split in two LRUs:
+
+- the *main* part (7/8 of ``cache_bytes``) admits a chunk only if it lies within the first
+  ``main`` bytes of its bundle: a bundle that fits is cached whole; of a larger one, its head stays
+  cached and is never pushed out by its own tail (other bundles still displace it by LRU);
+- the *window* (1/8) takes every other chunk: devices fetching the same large bundle in step,
+  a little apart, still share its tail.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from shared.files import fsync_dir
 from shared.strict import DIGEST_RE
 
 MAX_OPEN_FILES = 32  # count of bundle file descriptors kept open for chunk reads
+WINDOW_SHARE = 8  # 1/WINDOW_SHARE of the chunk cache is the recency window for the tails of large bundles
 _BARE_HEX_LEN = 64
 
 
@@ -57,10 +69,11 @@ class BundleStore:
         self.tmp_dir = root / "tmp"
         self._objects.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self._cache_bytes = cache_bytes
         self._lock = threading.Lock()
-        self._chunks: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
-        self._cached_bytes = 0
+        window = cache_bytes // WINDOW_SHARE
+        self._main = _LruBytes(cache_bytes - window)
+        self._window = _LruBytes(window)
+        self.stats = {"chunk_hits": 0, "chunk_misses": 0}
         self._files: OrderedDict[str, tuple[int, int]] = OrderedDict()  # digest -> (fd, size)
 
     def path_for(self, digest: str) -> Path:
@@ -127,10 +140,13 @@ class BundleStore:
         # number reused for another file) while it is read from; a pread of a cached page is
         # microseconds, and chunk serving is one thread anyway.
         with self._lock:
-            data = self._chunks.get(key)
+            data = self._main.get(key)
+            if data is None:
+                data = self._window.get(key)
             if data is not None:
-                self._chunks.move_to_end(key)
+                self.stats["chunk_hits"] += 1
                 return data
+            self.stats["chunk_misses"] += 1
             fd, size = self._open(digest)
             count = chunk_count(size, chunk_size)
             if not 0 <= index < count:
@@ -139,7 +155,11 @@ class BundleStore:
             data = os.pread(fd, length, index * chunk_size)
             if len(data) != length:
                 raise BundleIntegrityError(f"bundle {digest} is truncated on disk ({len(data)} of {length} bytes)")
-            self._remember(key, data)
+            offset = index * chunk_size
+            if offset + length <= self._main.capacity:
+                self._main.put(key, data)
+            else:
+                self._window.put(key, data)
             return data
 
     def close(self) -> None:
@@ -148,8 +168,8 @@ class BundleStore:
             for fd, _ in self._files.values():
                 os.close(fd)
             self._files.clear()
-            self._chunks.clear()
-            self._cached_bytes = 0
+            self._main.clear()
+            self._window.clear()
 
     def _open(self, digest: str) -> tuple[int, int]:
         entry = self._files.get(digest)
@@ -167,12 +187,32 @@ class BundleStore:
             os.close(old_fd)
         return entry
 
-    def _remember(self, key: tuple[str, int, int], data: bytes) -> None:
-        if len(data) > self._cache_bytes:
+
+
+class _LruBytes:
+    """An LRU of byte strings bounded by their total length (not thread-safe: the store locks)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: tuple[str, int, int]) -> bytes | None:
+        data = self._items.get(key)
+        if data is not None:
+            self._items.move_to_end(key)
+        return data
+
+    def put(self, key: tuple[str, int, int], data: bytes) -> None:
+        if len(data) > self.capacity or key in self._items:
             return
-        self._chunks[key] = data
-        self._cached_bytes += len(data)
-        while self._cached_bytes > self._cache_bytes:
-            _, old = self._chunks.popitem(last=False)
-            self._cached_bytes -= len(old)
+        self._items[key] = data
+        self._bytes += len(data)
+        while self._bytes > self.capacity:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= len(old)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._bytes = 0
 

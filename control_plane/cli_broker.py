@@ -184,7 +184,7 @@ def add_device(
         bool | None,
         typer.Option(
             "--password/--no-password",
-            help="Give it a new password (replaces its passwd entry). Default: when the config's devices get passwords.",
+            help="Give it a new password (replaces its passwd entry). Default: if the config gives devices passwords.",
         ),
     ] = None,
     cert: Annotated[

@@ -52,6 +52,8 @@ from shared.topics import Leaf, device_topic, parse_device_topic
 log = logging.getLogger(__name__)
 
 DEPLOYMENT_EVENT_KIND = "deployment"
+CHUNK_GRANT_TTL_S = 2.0  # seconds a device's checked right to a bundle serves its next requests unasked
+MAX_CHUNK_GRANTS = 10_000  # count of remembered (device, bundle, chunk size) rights before they are dropped
 
 
 class ChunkErrorCode:
@@ -93,6 +95,8 @@ class Ingestor:
         self._max_chunk_bytes = max_chunk_bytes
         self._max_request_bytes = max_chunk_request_bytes
         self._clock = clock
+        # (device, digest, chunk size) -> (when the database allowed it, chunk count): see handle_chunk_request
+        self._grants: dict[tuple[str, str, int], tuple[float, int]] = {}
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Dispatch one received message by its topic.
@@ -268,7 +272,14 @@ class Ingestor:
         """
         request = ChunkRequest.decode(payload)
         reply_topic = device_topic(device_id, Leaf.CHUNK_DATA)
-        error = self._refusal(device_id, request)
+        # A transfer is a stream of requests for one bundle: the database is asked once every
+        # CHUNK_GRANT_TTL_S, not for every request (that query cost more than the chunks' bytes).
+        grant_key = (device_id, request.bundle_digest, request.chunk_size)
+        error = None
+        if not self._within_grant(grant_key, request):
+            error = self._refusal(device_id, request)
+            if error is None:
+                self._remember_grant(grant_key)
         if error is not None:
             log.info("chunk request from %s refused: %s", device_id, error.message)
             self._publisher.publish(reply_topic, error.encode(), retain=False)
@@ -283,6 +294,23 @@ class Ingestor:
                 data=data,
             )
             self._publisher.publish(reply_topic, chunk.encode(), retain=False)
+
+    def _within_grant(self, key: tuple[str, str, int], request: ChunkRequest) -> bool:
+        """Whether a recent check already allows this request (else :meth:`_refusal` decides)."""
+        grant = self._grants.get(key)
+        if grant is None:
+            return False
+        granted_at, count = grant
+        return (
+            0 <= self._clock() - granted_at < CHUNK_GRANT_TTL_S
+            and request.chunk_size * len(request.indices) <= self._max_request_bytes
+            and all(i < count for i in request.indices)
+        )
+
+    def _remember_grant(self, key: tuple[str, str, int]) -> None:
+        if len(self._grants) >= MAX_CHUNK_GRANTS:
+            self._grants.clear()
+        self._grants[key] = (self._clock(), chunk_count(self._store.size(key[1]), key[2]))
 
     def _refusal(self, device_id: str, request: ChunkRequest) -> ChunkError | None:
         digest = request.bundle_digest

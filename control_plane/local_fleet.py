@@ -73,7 +73,7 @@ class ManagedProcess:
 def spawn(name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> ManagedProcess:
     """Start ``python -m ...`` style ``args`` in a new session, output to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:  # a restarted process appends to its log
         popen = subprocess.Popen(
             args,
             stdout=log,

@@ -41,6 +41,9 @@ class ServerSettings:
             ``broker_tls_*`` turns TLS on (without a CA file: the system's CAs).
         broker_tls_cert_file: Client certificate (PEM) to present, with ``broker_tls_key_file``.
         broker_tls_key_file: The client certificate's private key (PEM, unencrypted).
+        device_broker_host: Broker host handed to devices at enrollment; default: the one the
+            control plane itself connects to (often a loopback or internal address).
+        device_broker_port: Broker port handed to devices at enrollment (e.g. the TLS port).
         client_id_suffix: Appended to the MQTT client id ``edgefleet-control-plane``; each
             replica needs its own, because a persistent session belongs to one client id.
         share_group: If set, ingest subscriptions are shared (``$share/<group>/...``) so
@@ -69,6 +72,8 @@ class ServerSettings:
     broker_tls_ca_file: str | None = None
     broker_tls_cert_file: str | None = None
     broker_tls_key_file: str | None = None
+    device_broker_host: str | None = None  # what enrollment tells devices (e.g. the public TLS name)
+    device_broker_port: int | None = None
     client_id_suffix: str = ""
     share_group: str | None = None
     desired_state_ttl_s: float = 7 * 24 * 3600.0  # seconds
@@ -153,6 +158,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "data_dir": Path,
     "api_port": int,
     "broker_port": int,
+    "device_broker_port": int,
     "desired_state_ttl_s": float,
     "resign_interval_s": float,
     "broker_connect_timeout_s": float,

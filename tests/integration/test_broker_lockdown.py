@@ -44,6 +44,7 @@ from control_plane.broker_config import (
     write_broker_config,
 )
 from control_plane.cli_broker import app as broker_cli
+from control_plane.client import EdgefleetClient
 from control_plane.demo import direct_predict, v2_infer
 from control_plane.demo_models import make_mlp_weights, write_demo_models
 from control_plane.embedded_broker import BrokerSettings, MosquittoBroker, find_mosquitto, free_port, start_mosquitto
@@ -172,11 +173,25 @@ def _connected(creds: Credentials, client_id: str | None = None) -> Peer:
 
 
 def _outcome(creds: Credentials) -> str:
+    """One connection attempt, driven by hand (no background reconnects): "accepted" or why not."""
     peer = Peer(creds)
+    client = peer.client
     try:
-        return peer.connect(REFUSAL_TIMEOUT_S)
+        client.connect("127.0.0.1", creds.port, keepalive=30)
+    except (OSError, ssl.SSLError) as exc:
+        return f"failed: {exc!r}"
+    try:
+        deadline = time.monotonic() + REFUSAL_TIMEOUT_S
+        while not peer.outcomes and time.monotonic() < deadline:
+            if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS and not peer.outcomes:
+                peer.outcomes.append("dropped")  # the broker closed the connection (a TLS alert, say)
+        return peer.outcomes[0] if peer.outcomes else "no answer"
     finally:
-        peer.close()
+        client.disconnect()
+        client.loop(timeout=0.01)
+        sock = client.socket()
+        if sock is not None:
+            sock.close()
 
 
 def _broker_spec(workdir: Path, client_auth: ClientAuth, **overrides: object) -> BrokerSpec:
@@ -217,9 +232,7 @@ class Locked:
 
     def password_creds(self, identity: str, password: str | None = None) -> Credentials:
         assert self.spec.local_port is not None
-        return Credentials(
-            port=self.spec.local_port, username=identity, password=password or self.passwords[identity]
-        )
+        return Credentials(port=self.spec.local_port, username=identity, password=password or self.passwords[identity])
 
     def cert_creds(self, identity: str, username: str | None = None) -> Credentials:
         folder = self.paths.client_dir(identity)
@@ -446,16 +459,37 @@ def test_tls_listener_refuses_certificates_it_did_not_issue_for_client_use(locke
     assert all(o != "accepted" for o in outcomes.values()), outcomes
 
 
-def test_password_mode_takes_tls_without_a_client_certificate(tmp_path: Path) -> None:
+def test_password_mode_takes_tls_without_a_client_certificate_and_removal_revokes(tmp_path: Path) -> None:
     ca = load_or_create_ca(tmp_path / "pki")
     spec = _broker_spec(tmp_path, ClientAuth.PASSWORD)
-    result = write_broker_config(tmp_path / "broker", ca, spec, [DEVICE_A])
+    result = write_broker_config(tmp_path / "broker", ca, spec, [DEVICE_A, DEVICE_B])
     assert not (result.paths.client_dir(DEVICE_A) / "client.crt").exists()
-    with _start(result.paths, spec, tmp_path / "run"):
+    with _start(result.paths, spec, tmp_path / "run") as broker:
         base = Credentials(port=spec.tls_port, ca_file=str(result.paths.ca_cert), username=DEVICE_A)
-        assert _outcome(replace(base, password=result.new_passwords[DEVICE_A])) == "accepted"
+        good = replace(base, password=result.new_passwords[DEVICE_A])
+        assert _outcome(good) == "accepted"
         assert _outcome(replace(base, password="wrong")) != "accepted"
         assert _outcome(replace(base, username=None)) != "accepted"
+        held = _connected(good)
+        # the operator drops A (rerun without it) and reloads: A's password no longer opens the door,
+        # and mosquitto disconnects A's open connection too
+        rerun = write_broker_config(tmp_path / "broker", ca, spec, [DEVICE_B])
+        assert rerun.removed == (DEVICE_A,)
+        assert broker.pid is not None
+        os.kill(broker.pid, signal.SIGHUP)
+        deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+        while _outcome(good) == "accepted":
+            assert time.monotonic() < deadline, "A still connects after it was removed and mosquitto reloaded"
+            time.sleep(0.05)
+        try:
+            deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+            while held.disconnects == 0:
+                assert time.monotonic() < deadline, "A's open connection survived its removal"
+                time.sleep(0.05)
+        finally:
+            held.close()
+        b = replace(base, username=DEVICE_B, password=result.new_passwords[DEVICE_B])
+        assert _outcome(b) == "accepted"  # the others keep their passwords
 
 
 # --------------------------------------------------------------------------------------------- end to end
@@ -493,6 +527,7 @@ def test_control_plane_and_agent_deploy_and_serve_over_tls_with_passwords_and_cl
         },
     )
     broker = _start(paths, spec, tmp_path / "run")
+    client: EdgefleetClient | None = None
     try:
         client = fleet.start_control_plane()
         assert httpx.get(f"{fleet.api_url}/healthz").json()["broker_connected"] is True
@@ -531,3 +566,5 @@ def test_control_plane_and_agent_deploy_and_serve_over_tls_with_passwords_and_cl
     finally:
         fleet.stop()
         broker.stop()
+        if client is not None:
+            client.close()

@@ -23,7 +23,8 @@ from ai_edge_litert.interpreter import Interpreter
 from fastapi import FastAPI
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.inference_api import create_inference_app, decode_infer_request
+from agent.config import BatchingConfig
+from agent.inference_api import create_inference_app, decode_infer_request, encode_infer_response
 from agent.runtimes import LoadedModel, load_model
 from shared.errors import MessageError
 
@@ -314,7 +315,8 @@ def one_input(**override: Any) -> dict[str, Any]:
          ("'binary_data' must be true or false",)),
         ({**one_input(), "outputs": [{"name": "probabilities", "parameters": {"classification": 2}}]}, 400,
          ("classification extension is not supported",)),
-        ({**one_input(), "parameters": {"binary_data_output": 1}}, 400, ("'binary_data_output' must be true or false",)),
+        ({**one_input(), "parameters": {"binary_data_output": 1}}, 400,
+         ("'binary_data_output' must be true or false",)),
         ({**one_input(), "parameters": []}, 400, ("'parameters' must be an object",)),
         ({"inputs": one_input()["inputs"] * 2}, 400, ("given twice",)),
     ],
@@ -385,6 +387,13 @@ def test_a_bug_is_a_500_with_the_error_shape(registry: DictRegistry) -> None:
     response = asyncio.run(call())
     assert response.status_code == 500 and response.json() == {"error": "internal error: RuntimeError"}
 
+    async def infer() -> httpx.Response:  # the infer fast path, which skips FastAPI's router
+        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as raw_client:
+            return await raw_client.post("/v2/models/tiny/infer", json=one_input())
+
+    response = asyncio.run(infer())
+    assert response.status_code == 500 and response.json() == {"error": "internal error: RuntimeError"}
+
 
 # --- the codec on its own: conversions JSON cannot show through the FP32 models above ----------
 
@@ -423,3 +432,262 @@ def test_decode_refuses_lossy_conversions(datatype: str, data: list[Any], fragme
     body = json.dumps({"inputs": [{"name": "t", "shape": [len(data)], "datatype": datatype, "data": data}]})
     with pytest.raises(MessageError, match=fragment):
         decode_infer_request(body.encode(), 1 << 20)
+
+
+# --- binary tensor data extension ----------------------------------------------------------------
+
+BINARY_HEADER = "inference-header-content-length"
+
+
+def binary_request(
+    tensors: list[tuple[str, np.ndarray]], *, pad: int = 0, tail: bytes = b"", **extra: Any
+) -> tuple[bytes, dict[str, str]]:
+    """A JSON header (padded with ``pad`` spaces) followed by each tensor's raw bytes."""
+    inputs = [
+        {"name": name, "shape": list(array.shape), "datatype": "FP32", "parameters": {"binary_data_size": array.nbytes}}
+        for name, array in tensors
+    ]
+    header = json.dumps({"inputs": inputs, **extra}).encode() + b" " * pad
+    body = header + b"".join(array.astype("<f4").tobytes() for _, array in tensors) + tail
+    return body, {BINARY_HEADER: str(len(header)), "content-type": "application/octet-stream"}
+
+
+def split_response(response: httpx.Response) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The JSON header and each binary output as an array, read as a Triton client would."""
+    length = int(response.headers[BINARY_HEADER])
+    header = json.loads(response.content[:length])
+    arrays: dict[str, np.ndarray] = {}
+    offset = length
+    for output in header["outputs"]:
+        size = output.get("parameters", {}).get("binary_data_size")
+        if size is None:
+            continue
+        raw = response.content[offset : offset + size]
+        arrays[output["name"]] = np.frombuffer(raw, dtype="<f4").reshape(output["shape"])
+        offset += size
+    assert offset == len(response.content), "trailing bytes after the binary outputs"
+    return header, arrays
+
+
+@pytest.mark.parametrize("pad", [0, 1, 3])  # 1 and 3: the tensor starts at an unaligned offset
+def test_onnx_binary_in_binary_out_matches_direct_session(
+    client: Client, model_files: dict[str, Path], pad: int
+) -> None:
+    x = np.random.default_rng(pad).standard_normal((6, 4)).astype(np.float32)
+    body, headers = binary_request(
+        [("input", x)], pad=pad, id="b-1", outputs=[{"name": "probabilities", "parameters": {"binary_data": True}}]
+    )
+    response = client.post("/v2/models/tiny/infer", content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/octet-stream"
+    header, arrays = split_response(response)
+    assert header["id"] == "b-1" and header["model_name"] == "tiny"
+    (output,) = header["outputs"]
+    assert output == {
+        "name": "probabilities", "shape": [6, 3], "datatype": "FP32", "parameters": {"binary_data_size": 6 * 3 * 4}
+    }  # fmt: skip
+    np.testing.assert_array_equal(arrays["probabilities"], direct_onnx(model_files["onnx"], x))
+
+
+def test_binary_in_json_out(client: Client, model_files: dict[str, Path]) -> None:
+    x = np.random.default_rng(11).standard_normal((2, 4)).astype(np.float32)
+    body, headers = binary_request([("input", x)])
+    response = client.post("/v2/models/tiny/versions/1/infer", content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    assert BINARY_HEADER not in response.headers and response.headers["content-type"] == "application/json"
+    (output,) = response.json()["outputs"]
+    got = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+    np.testing.assert_array_equal(got, direct_onnx(model_files["onnx"], x))
+
+
+def test_json_in_binary_out_for_every_output(client: Client, model_files: dict[str, Path]) -> None:
+    x = np.random.default_rng(12).standard_normal((3, TFLITE_FEATURES)).astype(np.float32)
+    response = client.post("/v2/models/mlp/infer", json=infer_body(x, parameters={"binary_data_output": True}))
+    assert response.status_code == 200, response.text
+    _, arrays = split_response(response)
+    np.testing.assert_array_equal(arrays["probabilities"], direct_tflite(model_files["tflite"], x))
+
+
+def test_per_output_flag_overrides_binary_data_output(client: Client) -> None:
+    x = np.zeros((1, 4), dtype=np.float32)
+    body = infer_body(
+        x,
+        parameters={"binary_data_output": True},
+        outputs=[{"name": "probabilities", "parameters": {"binary_data": False}}],
+    )
+    response = client.post("/v2/models/tiny/infer", json=body)
+    assert response.status_code == 200 and BINARY_HEADER not in response.headers
+    assert len(response.json()["outputs"][0]["data"]) == 3
+
+
+def test_tflite_binary_matches_direct_interpreter(client: Client, model_files: dict[str, Path]) -> None:
+    x = np.random.default_rng(13).standard_normal((4, TFLITE_FEATURES)).astype(np.float32)
+    body, headers = binary_request([("input", x)], parameters={"binary_data_output": True})
+    response = client.post("/v2/models/mlp/versions/2/infer", content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    _, arrays = split_response(response)
+    np.testing.assert_array_equal(arrays["probabilities"], direct_tflite(model_files["tflite"], x))
+
+
+def _bad_binary_requests() -> list[tuple[bytes, dict[str, str], str]]:
+    x = np.zeros((1, 4), dtype=np.float32)
+    good, headers = binary_request([("input", x)])
+    length = int(headers[BINARY_HEADER])
+    short, short_headers = binary_request([("input", x)])
+    short = short[:-4]
+    extra, extra_headers = binary_request([("input", x)], tail=b"\0")
+    wrong_size = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": 12}}]}
+    ).encode()
+    both = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0],
+                     "parameters": {"binary_data_size": 16}}]}
+    ).encode()  # fmt: skip
+    size_type = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": "16"}}]}
+    ).encode()
+    strings = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 8}}]}
+    ).encode()
+    return [
+        (good, {BINARY_HEADER: "abc"}, "Inference-Header-Content-Length must be a byte count"),
+        (good, {BINARY_HEADER: "-3"}, "Inference-Header-Content-Length must be a byte count"),
+        (good, {BINARY_HEADER: "9" * 5000}, "Inference-Header-Content-Length must be a byte count"),
+        (good, {BINARY_HEADER: "0"}, "does not fit"),
+        (good, {BINARY_HEADER: str(len(good) + 1)}, "does not fit"),
+        (good, {BINARY_HEADER: str(length - 1)}, "not JSON"),
+        (short, short_headers, "runs past the end of the body"),
+        (extra, extra_headers, "17 bytes of binary data follow the JSON header, but the inputs' binary_data_size add"),
+        (wrong_size + bytes(12), {BINARY_HEADER: str(len(wrong_size))}, "binary_data_size is 12 bytes but FP32 shape"),
+        (both + bytes(16), {BINARY_HEADER: str(len(both))}, "either 'data' or binary_data_size"),
+        (size_type + bytes(16), {BINARY_HEADER: str(len(size_type))}, "binary_data_size must be an int >= 0"),
+        (strings + bytes(8), {BINARY_HEADER: str(len(strings))}, "unsupported datatype 'BYTES'"),
+    ]
+
+
+@pytest.mark.parametrize(("body", "headers", "fragment"), _bad_binary_requests())
+def test_bad_binary_request_is_400(client: Client, body: bytes, headers: dict[str, str], fragment: str) -> None:
+    assert_error(client.post("/v2/models/tiny/infer", content=body, headers=headers), 400, fragment)
+
+
+def test_binary_body_over_the_limit_is_413(registry: DictRegistry) -> None:
+    body, headers = binary_request([("input", np.zeros((64, 4), dtype=np.float32))])
+    with serve(create_inference_app(registry, max_request_bytes=len(body) - 1)) as small:
+        assert_error(small.post("/v2/models/tiny/infer", content=body, headers=headers), 413)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "array"),
+    [
+        ("INT8", np.array([[-128, 127, 0]], dtype=np.int8)),
+        ("UINT64", np.array([2**64 - 1, 3], dtype=np.uint64)),
+        ("BOOL", np.array([True, False, True])),
+        ("FP16", np.array([0.5, -2.0, 65504.0], dtype=np.float16)),
+        ("FP64", np.array([[0.1], [np.pi]])),
+        ("INT32", np.zeros((0, 2), dtype=np.int32)),
+    ],
+)
+def test_decode_binary_is_exact(datatype: str, array: np.ndarray) -> None:
+    header = json.dumps(
+        {"inputs": [{"name": "t", "shape": list(array.shape), "datatype": datatype,
+                     "parameters": {"binary_data_size": array.nbytes}}]}
+    ).encode()  # fmt: skip
+    # One space after the JSON: the tensor starts at an odd offset, misaligned for most dtypes.
+    body = header + b" " + array.astype(array.dtype.newbyteorder("<")).tobytes()
+    request = decode_infer_request(body, 1 << 20, len(header) + 1)
+    decoded = request.inputs["t"]
+    assert decoded.dtype is array.dtype and decoded.shape == array.shape  # native dtype: predict() accepts it
+    np.testing.assert_array_equal(decoded, array)
+
+
+def test_decode_binary_bool_must_be_0_or_1() -> None:
+    header = json.dumps(
+        {"inputs": [{"name": "t", "shape": [2], "datatype": "BOOL", "parameters": {"binary_data_size": 2}}]}
+    ).encode()
+    with pytest.raises(MessageError, match="BOOL bytes must be 0 or 1"):
+        decode_infer_request(header + b"\x01\x02", 1 << 20, len(header))
+
+
+def test_encode_binary_outputs_follow_the_header_in_order(registry: DictRegistry) -> None:
+    model = registry.get("tiny")
+    assert model is not None
+    outputs = {"a": np.arange(3, dtype=np.int16), "b": np.array([[1.5]], dtype=np.float32), "c": np.array([True])}
+    body, length = encode_infer_response(model, "r", outputs, ["c", "b", "a"], frozenset({"a", "c"}))
+    assert length is not None
+    header = json.loads(body[:length])
+    assert [o["name"] for o in header["outputs"]] == ["c", "b", "a"]
+    assert header["outputs"][0]["parameters"] == {"binary_data_size": 1}
+    assert header["outputs"][1]["data"] == [1.5] and "parameters" not in header["outputs"][1]
+    assert body[length:] == b"\x01" + np.arange(3, dtype="<i2").tobytes()
+
+
+# --- dynamic batching through the API ---------------------------------------------------------
+
+
+def test_batched_requests_get_their_own_rows(registry: DictRegistry, model_files: dict[str, Path]) -> None:
+    model = registry.get("tiny")
+    assert model is not None
+    seen_batches: list[int] = []
+    real_predict = model.predict
+
+    def spy(inputs: Any) -> dict[str, np.ndarray]:
+        seen_batches.append(inputs["input"].shape[0])
+        return real_predict(inputs)
+
+    # A long delay and a batch size equal to the number of clients: the batch runs when full.
+    config = BatchingConfig(enabled=True, max_batch_size=8, max_queue_delay_us=5_000_000, models=("tiny",))
+    app = create_inference_app(registry, batching=config)
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((1 + i % 2, 4)).astype(np.float32) for i in range(5)]  # 7 rows in all
+
+    async def call_all() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as api_client:
+            calls = [api_client.post("/v2/models/tiny/infer", json=infer_body(x, id=str(i))) for i, x in enumerate(xs)]
+            # One more that fills the batch to 8 rows, sent as binary data.
+            body, headers = binary_request([("input", np.ones((1, 4), dtype=np.float32))])
+            calls.append(api_client.post("/v2/models/tiny/infer", content=body, headers=headers))
+            return await asyncio.gather(*calls)
+
+    model.predict = spy  # type: ignore[method-assign]
+    try:
+        responses = asyncio.run(asyncio.wait_for(call_all(), timeout=30))
+    finally:
+        del model.predict
+    assert seen_batches == [8]  # one run for all six requests
+    for i, (x, response) in enumerate(zip(xs, responses, strict=False)):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["id"] == str(i)
+        got = np.asarray(body["outputs"][0]["data"], dtype=np.float32).reshape(body["outputs"][0]["shape"])
+        np.testing.assert_allclose(got, direct_onnx(model_files["onnx"], x), rtol=0, atol=1e-6)
+    got = np.asarray(responses[-1].json()["outputs"][0]["data"], dtype=np.float32)
+    np.testing.assert_allclose(got, direct_onnx(model_files["onnx"], np.ones((1, 4), np.float32))[0], atol=1e-6)
+
+
+def test_batching_applies_only_to_the_configured_models(registry: DictRegistry) -> None:
+    # "mlp" is not listed, so its request runs inline at once despite the 5 s queue delay.
+    config = BatchingConfig(enabled=True, max_batch_size=8, max_queue_delay_us=5_000_000, models=("tiny",))
+    with serve(create_inference_app(registry, batching=config)) as batched:
+        x = np.zeros((1, TFLITE_FEATURES), dtype=np.float32)
+        response = batched.post("/v2/models/mlp/infer", json=infer_body(x))
+        assert response.status_code == 200
+        # A bad request to a batched model fails at once, alone, without waiting for a batch.
+        assert_error(batched.post("/v2/models/tiny/infer", json=one_input(shape=[1, 5], data=[0.0] * 5)), 400)
+
+
+def test_infer_under_a_root_path_goes_through_the_router(registry: DictRegistry, model_files: dict[str, Path]) -> None:
+    # Behind a proxy that mounts the API under a prefix, the path carries the root path: the
+    # fast path does not match it and FastAPI's routes answer, with the same handler.
+    app = create_inference_app(registry)
+    x = np.random.default_rng(21).standard_normal((2, 4)).astype(np.float32)
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, root_path="/agent")
+        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as raw_client:
+            return await raw_client.post("/agent/v2/models/tiny/versions/1/infer", json=infer_body(x))
+
+    response = asyncio.run(call())
+    assert response.status_code == 200, response.text
+    got = np.asarray(response.json()["outputs"][0]["data"], dtype=np.float32).reshape(2, 3)
+    np.testing.assert_allclose(got, direct_onnx(model_files["onnx"], x), rtol=0, atol=1e-6)

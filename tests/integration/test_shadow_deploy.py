@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -261,7 +262,14 @@ def test_removing_the_shadow_unloads_it_and_drops_it_from_the_report(env: Fleet)
 
 
 def test_deploying_the_shadowed_version_promotes_it_and_drops_the_shadow(env: Fleet) -> None:
-    assert _post_shadow(env, "2.0.0").status_code == 201
+    cli = subprocess.run(
+        [sys.executable, "-m", "control_plane", "shadow", MODEL, "2.0.0", "--device", DEVICE, "--sample-rate", "1",
+         "--api-url", env.fleet.api_url, "--json"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    rows = json.loads(cli.stdout)
+    assert [(r["device_id"], r["version"], r["sample_rate"]) for r in rows] == [(DEVICE, "2.0.0", 1.0)]
     _report_of(env, "2.0.0", lambda r: r["state"] == "running", "the shadow did not start")
     deployed = env.client.wait_for_deployments([d["id"] for d in env.client.deploy(MODEL, "2.0.0", devices=[DEVICE])])
     assert [d["status"] for d in deployed] == ["succeeded"]

@@ -8,25 +8,26 @@ by wrapping ``os.pread`` as the bundle store calls it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
-from sqlmodel import Session
+from sqlalchemy import Engine, event
+from sqlmodel import Session, select
 
 from control_plane import bundle_store
 from control_plane.bundle_store import BundleStore
 from control_plane.db import create_db_engine, create_tables
-from control_plane.ingest import Ingestor
+from control_plane.ingest import CHUNK_GRANT_TTL_S, ChunkErrorCode, Ingestor
 from control_plane.tables import Assignment, Device, ModelVersion
-from shared.chunks import Chunk, ChunkRequest, chunk_count, decode_chunk_message
+from shared.chunks import Chunk, ChunkError, ChunkRequest, chunk_count, decode_chunk_message
 from shared.topics import Leaf, device_topic
 
 CHUNK = 4096
 WINDOW = 8  # indices per request, as an agent tops up half of a 16-chunk window
-DEVICES = [f"dev-{i}" for i in range(6)]
+DEVICES = [f"dev-{i}" for i in range(4)]
 _PREAD = os.pread
 
 
@@ -68,7 +69,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> DiskReads:
 
 
 def _setup(
-    engine: Engine, tmp_path: Path, size: int, cache_bytes: int
+    engine: Engine, tmp_path: Path, size: int, cache_bytes: int, clock: Callable[[], float] = time.time
 ) -> tuple[BundleStore, Ingestor, Collector, bytes, str]:
     store = BundleStore(tmp_path / "bundles", cache_bytes=cache_bytes)
     blob = os.urandom(size)
@@ -77,8 +78,15 @@ def _setup(
     digest = store.put_file(tmp)
     with Session(engine) as session:
         session.add(
-            ModelVersion(name="big", version="1", runtime="onnx", bundle_digest=digest, bundle_size=size,
-                         manifest_json="{}", created_at=datetime.now(UTC))
+            ModelVersion(
+                name="big",
+                version="1",
+                runtime="onnx",
+                bundle_digest=digest,
+                bundle_size=size,
+                manifest_json="{}",
+                created_at=datetime.now(UTC),
+            )
         )
         for device_id in DEVICES:
             session.add(Device(id=device_id, created_at=datetime.now(UTC)))
@@ -86,7 +94,9 @@ def _setup(
             session.add(Assignment(device_id=device_id, model_name="big", version="1"))
         session.commit()
     collector = Collector()
-    ingestor = Ingestor(engine, store, collector, max_chunk_bytes=CHUNK, max_chunk_request_bytes=WINDOW * CHUNK)
+    ingestor = Ingestor(
+        engine, store, collector, max_chunk_bytes=CHUNK, max_chunk_request_bytes=WINDOW * CHUNK, clock=clock
+    )
     return store, ingestor, collector, blob, digest
 
 
@@ -107,8 +117,10 @@ def _serve_one_after_another(ingestor: Ingestor, digest: str, total: int) -> Non
             _request(ingestor, device_id, digest, range(start, min(total, start + WINDOW)))
 
 
-def test_devices_fetching_together_cost_one_read_of_the_bundle(engine: Engine, tmp_path: Path, reads: DiskReads) -> None:
-    size = 300 * CHUNK + 123
+def test_devices_fetching_together_cost_one_read_of_the_bundle(
+    engine: Engine, tmp_path: Path, reads: DiskReads
+) -> None:
+    size = 96 * CHUNK + 123
     store, ingestor, collector, blob, digest = _setup(engine, tmp_path, size, cache_bytes=4 * size)
     total = chunk_count(size, CHUNK)
 
@@ -127,7 +139,7 @@ def test_devices_fetching_together_cost_one_read_of_the_bundle(engine: Engine, t
 def test_devices_fetching_one_after_another_cost_one_read_of_the_bundle(
     engine: Engine, tmp_path: Path, reads: DiskReads
 ) -> None:
-    size = 300 * CHUNK + 123
+    size = 96 * CHUNK + 123
     store, ingestor, collector, blob, digest = _setup(engine, tmp_path, size, cache_bytes=2 * size)
     total = chunk_count(size, CHUNK)
 
@@ -143,8 +155,8 @@ def test_a_bundle_larger_than_the_cache_is_not_read_in_full_for_every_device(
 ) -> None:
     """A plain LRU cache reads such a bundle completely for every device that comes later (each read
     evicts the chunk the next device needs soonest); the store keeps a stable part of it instead."""
-    size = 400 * CHUNK
-    cache = 200 * CHUNK
+    size = 160 * CHUNK
+    cache = 80 * CHUNK
     store, ingestor, collector, blob, digest = _setup(engine, tmp_path, size, cache_bytes=cache)
     total = chunk_count(size, CHUNK)
 
@@ -152,6 +164,39 @@ def test_a_bundle_larger_than_the_cache_is_not_read_in_full_for_every_device(
 
     assert all(_received(collector, d) == blob for d in DEVICES)
     later_devices = reads.bytes - size
-    # Each later device costs at most the part that does not fit (plus nothing for the rest).
-    assert later_devices <= (len(DEVICES) - 1) * (size - cache * 3 // 4)
+    # Each later device reads only what does not fit (a plain LRU: the whole bundle, every time).
+    assert store.stats["chunk_hits"] > 0
+    assert later_devices <= (len(DEVICES) - 1) * (size - cache * 7 // 8)
+    store.close()
+
+
+def test_the_database_is_asked_once_per_grant_period_and_a_withdrawn_bundle_is_refused_after_it(
+    engine: Engine, tmp_path: Path
+) -> None:
+    now = [1_800_000_000.0]
+    store, ingestor, collector, blob, digest = _setup(engine, tmp_path, 64 * CHUNK, 1 << 20, clock=lambda: now[0])
+    queries: list[str] = []
+    event.listen(
+        engine,
+        "before_cursor_execute",
+        lambda _c, _cur, statement, *_: statement.startswith("SELECT") and queries.append(statement),
+    )
+    device = DEVICES[0]
+
+    for start in range(0, 64, WINDOW):
+        _request(ingestor, device, digest, range(start, start + WINDOW))
+    assert len(queries) == 1  # one database check for a whole transfer within the period
+    assert _received(collector, device) == blob
+
+    with Session(engine) as session:  # the deployment is withdrawn
+        for row in session.exec(select(Assignment).where(Assignment.device_id == device)).all():
+            session.delete(row)
+        session.commit()
+    queries.clear()
+    now[0] += CHUNK_GRANT_TTL_S
+    _request(ingestor, device, digest, range(WINDOW))
+
+    assert queries  # the grant expired: the database was asked again
+    answer = decode_chunk_message(collector.by_topic[device_topic(device, Leaf.CHUNK_DATA)][-1])
+    assert isinstance(answer, ChunkError) and answer.code == ChunkErrorCode.BUNDLE_NOT_ASSIGNED
     store.close()

@@ -341,6 +341,20 @@ def test_valid_inputs_pass(any_model: LoadedModel) -> None:
     assert all(array.shape[0] == 3 for array in outputs.values())
 
 
+def test_validate_checks_without_running_the_model(any_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: list[object] = []
+    monkeypatch.setattr(any_model, "_run", runs.append)
+    any_model.validate(valid_inputs(any_model, 2))
+    (array,) = valid_inputs(any_model).values()
+    with pytest.raises(InferenceError, match="missing input 'input'"):
+        any_model.validate({})
+    with pytest.raises(InferenceError, match="has datatype FP64"):
+        any_model.validate({"input": array.astype(np.float64)})
+    with pytest.raises(InferenceError, match="has shape"):
+        any_model.validate({"input": array[:, :2]})
+    assert runs == []
+
+
 def test_missing_input(any_model: LoadedModel) -> None:
     with pytest.raises(InferenceError, match="missing input 'input'"):
         any_model.predict({})

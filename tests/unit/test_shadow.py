@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import agent.reconciler as reconciler_module
+from agent.config import AgentConfig, TrustConfig
 from agent.model_host import ModelHost
+from agent.reconciler import Reconciler
+from agent.runtimes import load_model
 from agent.runtimes.base import LoadedModel
 from agent.shadow import (
     LatencyReservoir,
@@ -23,8 +31,14 @@ from agent.shadow import (
     compare_outputs,
 )
 from agent.state_store import AgentState, ShadowModel, StateStore
-from shared.errors import InferenceError
-from shared.messages import ReportedState
+from control_plane.demo_models import build_onnx_mlp, make_mlp_weights
+from control_plane.desired_states import desired_state_for
+from control_plane.tables import Assignment, Device, ModelVersion, ShadowAssignment
+from control_plane.views import device_shadows_public
+from shared.bundle import build_bundle, make_manifest
+from shared.errors import InferenceError, TransferError
+from shared.messages import DesiredState, ModelDirective, ReportedState, ShadowDirective, ShadowReport
+from shared.signing import SigningKey
 from shared.tensors import TensorSpec
 
 DIGEST = "sha256:" + "ab" * 32
@@ -226,8 +240,10 @@ def test_sample_rate_mirrors_the_drawn_fraction(runners: list[ShadowRunner]) -> 
     runner = _runner(runners, candidate, sample_rate=0.25, seed=42)
     runner.bind(serving)
     wrapped = ShadowedModel(serving, runner)
-    for _ in range(400):
+    for i in range(400):
         wrapped.predict({"x": _x(1)})
+        if i % 16 == 15:  # drain well before the queue could fill: no sample may be dropped here
+            assert runner.wait_idle(5)
     assert runner.wait_idle(5)
     draw = random.Random(42).random
     expected = sum(draw() < 0.25 for _ in range(400))
@@ -264,6 +280,9 @@ def test_host_hands_out_the_serving_model_itself_without_a_shadow(runners: list[
         SPEC_OUT,
     )
     assert host.get("m", "1") is wrapped and host.get("m", "2") is None and host.models() == [wrapped]
+    with pytest.raises(InferenceError, match="shape"):  # the dynamic batcher validates before queueing
+        wrapped.validate({"x": np.zeros((1, 4), dtype=np.float32)})
+    wrapped.validate({"x": _x(2)})
     assert host.detach_shadow("m") is runner
     assert host.get("m") is v1
 
@@ -330,3 +349,307 @@ def test_runner_report_survives_the_wire(runners: list[ShadowRunner]) -> None:
     assert decoded == runner.report()
     assert (decoded.samples, decoded.agreements) == (2, 2)
     assert decoded.mean_abs_diff == pytest.approx(0.5) and decoded.max_abs_diff == pytest.approx(0.5)
+
+
+# --- the reconciler: deploy, fail, recover, unload ------------------------------------------------
+
+PUBLISHER = SigningKey.generate()
+ONLINE = SigningKey.generate()
+STRANGER = SigningKey.generate()
+DEVICE_ID = "unit-shadow"
+NAME = "clf"
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+@dataclass(frozen=True)
+class Release:
+    version: str
+    bundle: Path
+    digest: str
+    size: int
+
+    def directive(self, shadow: Release | None = None, rate: float = 1.0) -> ModelDirective:
+        return ModelDirective(
+            name=NAME,
+            version=self.version,
+            bundle_digest=self.digest,
+            bundle_size=self.size,
+            runtime="onnx",
+            shadow=None
+            if shadow is None
+            else ShadowDirective(
+                version=shadow.version,
+                bundle_digest=shadow.digest,
+                bundle_size=shadow.size,
+                runtime="onnx",
+                sample_rate=rate,
+            ),
+        )
+
+
+def _release(directory: Path, version: str, seed: int, *, n_inputs: int = 8, key: SigningKey = PUBLISHER) -> Release:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{version}.onnx"
+    path.write_bytes(build_onnx_mlp(make_mlp_weights(n_inputs=n_inputs, hidden=(8,), n_outputs=3, seed=seed)))
+    loaded = load_model("onnx", path, name=NAME, version=version)
+    manifest = make_manifest(
+        name=NAME, version=version, runtime="onnx", model_file="model.onnx", files={"model.onnx": path},
+        inputs=loaded.inputs, outputs=loaded.outputs,
+    )
+    loaded.close()
+    bundle = directory / f"{version}.bundle"
+    digest = build_bundle(bundle, manifest, {"model.onnx": path}, [key])
+    return Release(version, bundle, digest, bundle.stat().st_size)
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Release]:
+    d = tmp_path_factory.mktemp("shadow-releases")
+    return {
+        "v1": _release(d, "1.0.0", 1),
+        "v2": _release(d, "2.0.0", 2),
+        "v3": _release(d, "3.0.0", 3),
+        "unsigned": _release(d, "2.0.0-stranger", 2, key=STRANGER),
+        "narrow": _release(d, "2.0.0-narrow", 2, n_inputs=6),
+    }
+
+
+class Fetcher:
+    def __init__(self, downloads: Path, releases: dict[str, Release]) -> None:
+        downloads.mkdir(parents=True, exist_ok=True)
+        self.downloads = downloads
+        self.by_digest = {r.digest: r for r in releases.values()}
+        self.calls: list[str] = []
+        self.failures: dict[str, BaseException] = {}
+
+    def fetch(self, digest: str, size: int, cancel: threading.Event) -> Path:
+        self.calls.append(digest)
+        if digest in self.failures:
+            raise self.failures[digest]
+        dest = self.downloads / f"{digest.removeprefix('sha256:')}.bundle"
+        shutil.copyfile(self.by_digest[digest].bundle, dest)
+        return dest
+
+
+class Agent:
+    """One boot: real store, host and runtimes; fake transfer; published messages kept."""
+
+    def __init__(self, data_dir: Path, releases: dict[str, Release]) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir, self.releases = data_dir, releases
+        config = AgentConfig(
+            device_id=DEVICE_ID,
+            data_dir=data_dir,
+            trust=TrustConfig(publisher_keys=(PUBLISHER.public_hex,), online_keys=(ONLINE.public_hex,)),
+        )
+        self.store = StateStore(data_dir)
+        self.host = ModelHost()
+        self.fetcher = Fetcher(data_dir / "downloads", releases)
+        self.published: list[bytes] = []
+        self.reconciler = Reconciler(
+            config, self.store, self.host, self.fetcher, lambda leaf, payload, retain: self.published.append(payload)
+        )
+        self.reconciler.recover()
+        self.reconciler.load_active()
+
+    def apply(self, sequence: int, *directives: ModelDirective) -> bool:
+        state = DesiredState(
+            device_id=DEVICE_ID, sequence=sequence, issued_at=time.time(), expires_at=time.time() + 3600,
+            models=directives,
+        )
+        self.reconciler.offer_desired(state.seal(ONLINE))
+        self.reconciler._wake.clear()
+        return self.reconciler.reconcile_once()
+
+    def shadow_report(self) -> ShadowReport | None:
+        shadows = self.reconciler.reported_state().shadows
+        return shadows[0] if shadows else None
+
+    def infer(self, rows: int) -> None:
+        model = self.host.get(NAME)
+        assert model is not None
+        model.predict({"input": np.random.default_rng(rows).standard_normal((rows, 8)).astype(np.float32)})
+
+
+@pytest.fixture
+def agent(tmp_path: Path, releases: dict[str, Release]) -> Iterator[Agent]:
+    made = Agent(tmp_path / "agent", releases)
+    yield made
+    made.host.close_all()
+
+
+def test_reconciler_stages_loads_and_reports_a_shadow(agent: Agent, releases: dict[str, Release]) -> None:
+    v1, v2 = releases["v1"], releases["v2"]
+    assert agent.apply(1, v1.directive(shadow=v2)) is False
+    assert agent.host.get(NAME, "1.0.0") is not None and agent.host.get(NAME, "2.0.0") is None
+    runner = agent.host.shadow(NAME)
+    assert runner is not None and runner.version == "2.0.0"
+    agent.infer(3)
+    assert runner.wait_idle(5)
+    report = agent.shadow_report()
+    assert report is not None
+    assert (report.state, report.serving_version, report.version, report.samples) == ("running", "1.0.0", "2.0.0", 3)
+    assert ReportedState.decode(agent.published[-1]).shadows[0].version == "2.0.0"  # published with the state
+    stored = StateStore(agent.data_dir).state.shadows[NAME]
+    assert (stored.state, stored.bundle_digest, stored.sample_rate) == ("running", v2.digest, 1.0)
+    # A new serving version keeps the shadow attached (fresh stats), and pruning keeps its slot.
+    agent.apply(2, releases["v3"].directive(shadow=v2))
+    agent.apply(3, v1.directive(shadow=v2))
+    assert (agent.data_dir / "models" / NAME / stored.slot / "model.onnx").is_file()
+    assert agent.host.shadow(NAME) is runner and runner.report().serving_version == "1.0.0"
+    # The sample rate changes in place; removing the shadow unloads it.
+    agent.apply(4, v1.directive(shadow=v2, rate=0.25))
+    assert runner.sample_rate == 0.25 and StateStore(agent.data_dir).state.shadows[NAME].sample_rate == 0.25
+    agent.apply(5, v1.directive())
+    assert agent.host.shadow(NAME) is None and runner._closed and agent.shadow_report() is None
+    assert StateStore(agent.data_dir).state.shadows == {}
+    assert ReportedState.decode(agent.published[-1]).shadows == ()
+
+
+def test_a_candidate_that_fails_verification_is_reported_failed_and_not_retried_under_that_state(
+    agent: Agent, releases: dict[str, Release]
+) -> None:
+    v1, unsigned = releases["v1"], releases["unsigned"]
+    agent.apply(1, v1.directive(shadow=unsigned))
+    report = agent.shadow_report()
+    assert report is not None and report.state == "failed" and report.version == "2.0.0-stranger"
+    assert report.message.startswith("signature_invalid:")
+    assert agent.host.get(NAME) is agent.host.get(NAME, "1.0.0")  # serving untouched
+    assert not isinstance(agent.host.get(NAME), ShadowedModel)
+    calls = len(agent.fetcher.calls)
+    agent.reconciler._wake.clear()
+    agent.reconciler.reconcile_once()  # same desired state: not fetched again
+    assert len(agent.fetcher.calls) == calls
+    agent.apply(2, v1.directive(shadow=unsigned))  # a new desired state tries again
+    assert len(agent.fetcher.calls) == calls + 1
+
+
+def test_a_candidate_with_other_inputs_is_refused(agent: Agent, releases: dict[str, Release]) -> None:
+    agent.apply(1, releases["v1"].directive(shadow=releases["narrow"]))
+    report = agent.shadow_report()
+    assert report is not None and report.state == "failed"
+    assert "bundle_incompatible" in report.message and "inputs" in report.message
+    assert agent.host.shadow(NAME) is None
+
+
+def test_a_retryable_download_failure_is_retried_and_records_nothing(
+    agent: Agent, releases: dict[str, Release]
+) -> None:
+    agent.fetcher.failures[releases["v2"].digest] = TransferError("broker went away")
+    assert agent.apply(1, releases["v1"].directive(shadow=releases["v2"])) is True
+    assert agent.store.state.shadows == {} and agent.shadow_report() is None
+    assert agent.store.state.applied_sequence == 0  # not fully applied yet
+    del agent.fetcher.failures[releases["v2"].digest]
+    agent.reconciler._wake.clear()
+    assert agent.reconciler.reconcile_once() is False
+    assert agent.host.shadow(NAME) is not None and agent.store.state.applied_sequence == 1
+
+
+def test_boot_loads_a_running_shadow_from_its_slot_without_fetching(
+    tmp_path: Path, releases: dict[str, Release]
+) -> None:
+    first = Agent(tmp_path / "agent", releases)
+    first.apply(1, releases["v1"].directive(shadow=releases["v2"]))
+    first.host.close_all()
+    second = Agent(tmp_path / "agent", releases)
+    try:
+        second.reconciler._wake.clear()
+        second.reconciler.reconcile_once()
+        assert second.fetcher.calls == []
+        assert second.host.shadow(NAME) is not None
+        second.infer(2)
+        assert second.host.shadow(NAME).wait_idle(5)  # type: ignore[union-attr]
+        assert second.shadow_report().samples == 2  # type: ignore[union-attr]
+    finally:
+        second.host.close_all()
+
+
+def test_an_agent_killed_while_loading_a_shadow_does_not_load_it_again_on_boot(
+    tmp_path: Path, releases: dict[str, Release], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_load = reconciler_module.load_model
+
+    def dies_on_the_candidate(runtime: str, path: Path, *, name: str, version: str, **kw: object) -> LoadedModel:
+        if version == "2.0.0":
+            raise Killed("SIGKILL while loading the shadow")
+        return real_load(runtime, path, name=name, version=version, **kw)  # type: ignore[arg-type]
+
+    first = Agent(tmp_path / "agent", releases)
+    monkeypatch.setattr(reconciler_module, "load_model", dies_on_the_candidate)
+    with pytest.raises(Killed):
+        first.apply(1, releases["v1"].directive(shadow=releases["v2"]))
+    first.host.close_all()
+    assert StateStore(tmp_path / "agent").state.shadows[NAME].state == "loading"
+
+    loads: list[str] = []
+
+    def counting(runtime: str, path: Path, *, name: str, version: str, **kw: object) -> LoadedModel:
+        loads.append(version)
+        return real_load(runtime, path, name=name, version=version, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reconciler_module, "load_model", counting)
+    second = Agent(tmp_path / "agent", releases)
+    try:
+        second.reconciler._wake.clear()
+        second.reconciler.reconcile_once()
+        assert "2.0.0" not in loads and second.host.get(NAME, "1.0.0") is not None
+        report = second.shadow_report()
+        assert report is not None and report.state == "failed" and "loading" in report.message
+    finally:
+        second.host.close_all()
+
+
+# --- the control plane's pure parts -----------------------------------------------------------------
+
+
+def _row(version: str, n: int) -> ModelVersion:
+    return ModelVersion(
+        name=NAME, version=version, runtime="onnx", bundle_digest="sha256:" + f"{n:064x}", bundle_size=100 + n,
+        manifest_json="{}", created_at=datetime.now(UTC),
+    )
+
+
+def test_desired_state_carries_the_shadow_beside_its_model_and_never_the_serving_version() -> None:
+    v1, v2 = _row("1.0.0", 1), _row("2.0.0", 2)
+    state = desired_state_for("d", 3, [v1], issued_at=10.0, ttl_s=5.0, shadows={NAME: (v2, 0.1)})
+    shadow = state.models[0].shadow
+    assert shadow == ShadowDirective(
+        version="2.0.0", bundle_digest=v2.bundle_digest, bundle_size=v2.bundle_size, runtime="onnx", sample_rate=0.1
+    )
+    assert DesiredState.decode(state.encode()) == state
+    promoted = desired_state_for("d", 4, [v2], issued_at=10.0, ttl_s=5.0, shadows={NAME: (v2, 0.1)})
+    assert promoted.models[0].shadow is None
+    assert desired_state_for("d", 5, [v1], issued_at=10.0, ttl_s=5.0).models[0].shadow is None
+
+
+def test_device_shadows_merge_what_is_asked_for_with_what_is_reported() -> None:
+    report = ShadowReport(
+        name=NAME, serving_version="1.0.0", version="2.0.0", bundle_digest="sha256:" + "2" * 64, state="running",
+        samples=8, agreements=6,
+    )
+    stale = ShadowReport(
+        name="other", serving_version="1.0.0", version="9.0.0", bundle_digest="sha256:" + "9" * 64, state="failed",
+        message="no",
+    )
+    reported = ReportedState(device_id="d", ts=42.0, applied_sequence=1, shadows=(report, stale))
+    device = Device(id="d", created_at=datetime.now(UTC), reported_json=reported.encode().decode(), reported_ts=42.0)
+    now = datetime.now(UTC)
+    rows = device_shadows_public(
+        device,
+        [Assignment(device_id="d", model_name=NAME, version="1.0.0")],
+        [
+            ShadowAssignment(device_id="d", model_name=NAME, version="2.0.0", sample_rate=0.5, created_at=now),
+            ShadowAssignment(device_id="d", model_name="new", version="1", sample_rate=1.0, created_at=now),
+        ],
+    )
+    by_model = {r.model_name: r for r in rows}
+    assert [r.model_name for r in rows] == ["clf", "new", "other"]
+    assert by_model[NAME].agreement == 0.75 and by_model[NAME].report.samples == 8  # type: ignore[union-attr]
+    clf = by_model[NAME]
+    assert (clf.serving_version, clf.version, clf.sample_rate, clf.reported_ts) == ("1.0.0", "2.0.0", 0.5, 42.0)
+    assert by_model["new"].report is None and by_model["new"].agreement is None
+    assert by_model["other"].version is None and by_model["other"].report.state == "failed"  # type: ignore[union-attr]
+    assert json.loads(by_model[NAME].model_dump_json())["report"]["agreements"] == 6

@@ -11,14 +11,16 @@ import hashlib
 import queue
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from agent.bandwidth import BURST_S
 from agent.config import TransferConfig
-from agent.transfer import Cancelled, ChunkFetcher
+from agent.transfer import POLL_S, RECONNECT_GRACE_S, Cancelled, ChunkFetcher
 from shared.chunks import Chunk, ChunkError, ChunkRequest, chunk_count
 from shared.errors import BundleIntegrityError, TransferError
 
@@ -260,3 +262,77 @@ def test_a_late_chunk_after_the_fetch_is_ignored(fake: FakeControlPlane, downloa
     fetcher.on_message(fake.chunk(0))  # must not raise nor touch the finished file
     fetcher.on_message(b"garbage")
     assert path.read_bytes() == BLOB
+
+
+def test_top_ups_are_not_left_waiting_for_the_poll_interval(fake: FakeControlPlane, downloads: Path) -> None:
+    """The fetch thread is woken only when half the window is free; a lost wake-up would cost a poll."""
+    fetcher = fake.attach(downloads, TransferConfig(chunk_size_bytes=CHUNK, window_chunks=4, chunk_timeout_s=5.0))
+    fake.start_thread()
+    started = time.monotonic()
+
+    assert fetch(fetcher).read_bytes() == BLOB
+    # 37 top-ups of 2 chunks: a missed wake-up each would take 37 x POLL_S = 9 s.
+    assert time.monotonic() - started < 10 * POLL_S
+    assert fake.requests == Counter({i: 1 for i in range(TOTAL)})
+
+
+def test_no_requests_while_the_link_is_down_and_the_missing_ones_soon_after_it_is_back(
+    fake: FakeControlPlane, downloads: Path
+) -> None:
+    link_up = threading.Event()
+    link_up.set()
+    config = TransferConfig(chunk_size_bytes=CHUNK, window_chunks=8, chunk_timeout_s=30.0)
+    fetcher = ChunkFetcher(downloads, config, fake.send_request, link_up=link_up)
+    fake.fetcher = fetcher
+
+    cut = threading.Event()
+
+    def drop_the_request_with_index_10(index: int, nth: int) -> bytes | None:
+        if index == 10 and not cut.is_set():
+            cut.set()
+            link_up.clear()  # the broker went away with this request (the rest of it, 10..15, too)
+        if cut.is_set() and 10 <= index < 16 and nth == 1:
+            return None
+        return fake.chunk(index)
+
+    fake.answer = drop_the_request_with_index_10
+    outcome: list[object] = []
+    thread = threading.Thread(target=lambda: outcome.append(fetch(fetcher)))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not (fake.requests[10] == 1 and not link_up.is_set()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    asked_while_down = sum(fake.requests.values())
+    time.sleep(3 * POLL_S)
+    assert sum(fake.requests.values()) == asked_while_down  # nothing is sent into a dead link
+
+    link_up.set()
+    reconnected = time.monotonic()
+    thread.join(timeout=10)
+    assert outcome and outcome[0] == downloads / f"{DIGEST.removeprefix('sha256:')}.bundle"
+    assert time.monotonic() - reconnected < RECONNECT_GRACE_S + 4 * POLL_S  # not chunk_timeout_s (30 s)
+    # Only chunks that had been requested but never arrived were asked for twice.
+    assert {i for i, n in fake.requests.items() if n > 1} == set(range(10, 16))
+    assert all(fake.requests[i] == 1 for i in range(10))
+
+
+def test_chunk_requests_keep_under_the_bandwidth_cap(fake: FakeControlPlane, downloads: Path) -> None:
+    rate = 600_000  # bytes/s: the 300 kB blob, less the bucket's initial burst, takes >= 0.3 s
+    config = TransferConfig(chunk_size_bytes=CHUNK, window_chunks=8, bandwidth_limit_bytes_per_s=rate)
+    fetcher = fake.attach(downloads, config)
+    started = time.monotonic()
+
+    assert fetch(fetcher).read_bytes() == BLOB
+    assert time.monotonic() - started >= (len(BLOB) - rate * BURST_S - 8 * CHUNK) / rate
+
+
+def test_a_cancel_during_a_bandwidth_wait_stops_the_fetch(fake: FakeControlPlane, downloads: Path) -> None:
+    config = TransferConfig(chunk_size_bytes=CHUNK, window_chunks=8, bandwidth_limit_bytes_per_s=1024)
+    cancel = threading.Event()
+    threading.Timer(0.2, cancel.set).start()
+    started = time.monotonic()
+
+    with pytest.raises(Cancelled):
+        fetch(fake.attach(downloads, config), cancel=cancel)
+    assert time.monotonic() - started < 2.0  # 300 kB at 1 kB/s would be five minutes
