@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from sqlalchemy import delete, update
@@ -163,48 +164,42 @@ class DesiredStateService:
         ids = list(dict.fromkeys(device_ids))
         if not ids:
             raise MessageError("a deployment needs at least one device")
-        with self._lock:
-            try:
-                model = session.exec(
-                    select(ModelVersion).where(ModelVersion.name == model_name, ModelVersion.version == version)
+        with self._transaction(session) as issued:
+            model = session.exec(
+                select(ModelVersion).where(ModelVersion.name == model_name, ModelVersion.version == version)
+            ).first()
+            if model is None:
+                raise NotFoundError(f"model {model_name!r} version {version!r} is not published")
+            _require_devices(session, ids)
+            for device_id in ids:
+                assignment = session.exec(
+                    select(Assignment).where(Assignment.device_id == device_id, Assignment.model_name == model_name)
                 ).first()
-                if model is None:
-                    raise NotFoundError(f"model {model_name!r} version {version!r} is not published")
-                _require_devices(session, ids)
-                for device_id in ids:
-                    assignment = session.exec(
-                        select(Assignment).where(Assignment.device_id == device_id, Assignment.model_name == model_name)
-                    ).first()
-                    if assignment is None:
-                        session.add(Assignment(device_id=device_id, model_name=model_name, version=version))
-                    else:
-                        assignment.version = version
-                        session.add(assignment)
-                    _supersede_pending(session, device_id, model_name, now)
-                    _drop_shadows(session, [device_id], model_name, only_version=version)  # promoted
-                session.flush()
-                _check_model_counts(session, ids)
-                issued = [self._issue(session, device_id, now) for device_id in ids]
-                stamp = _utc(now)
-                deployments = [
-                    Deployment(
-                        device_id=state.device_id,
-                        model_name=model_name,
-                        version=version,
-                        bundle_digest=model.bundle_digest,
-                        sequence=state.sequence,
-                        status=DeploymentStatus.PENDING,
-                        created_at=stamp,
-                        updated_at=stamp,
-                    )
-                    for state, _ in issued
-                ]
-                session.add_all(deployments)
-                session.commit()
-            except BaseException:
-                session.rollback()
-                raise
-            self._publish(issued)
+                if assignment is None:
+                    session.add(Assignment(device_id=device_id, model_name=model_name, version=version))
+                else:
+                    assignment.version = version
+                    session.add(assignment)
+                _supersede_pending(session, device_id, model_name, now)
+                _drop_shadows(session, [device_id], model_name, only_version=version)  # promoted
+            session.flush()
+            _check_model_counts(session, ids)
+            issued += [self._issue(session, device_id, now) for device_id in ids]
+            stamp = _utc(now)
+            deployments = [
+                Deployment(
+                    device_id=state.device_id,
+                    model_name=model_name,
+                    version=version,
+                    bundle_digest=model.bundle_digest,
+                    sequence=state.sequence,
+                    status=DeploymentStatus.PENDING,
+                    created_at=stamp,
+                    updated_at=stamp,
+                )
+                for state, _ in issued
+            ]
+            session.add_all(deployments)
         for deployment in deployments:
             session.refresh(deployment)
         log.info("assigned %s %s to %d device(s)", model_name, version, len(ids))
@@ -222,27 +217,21 @@ class DesiredStateService:
             NotFoundError: A device does not exist.
         """
         ids = list(dict.fromkeys(device_ids))
-        with self._lock:
-            try:
-                _require_devices(session, ids)
-                assignments = session.exec(
-                    select(Assignment).where(col(Assignment.device_id).in_(ids), Assignment.model_name == model_name)
-                ).all()
-                changed = [a.device_id for a in assignments]
-                if not changed:
-                    session.rollback()
-                    return []
-                for assignment in assignments:
-                    session.delete(assignment)
-                    _supersede_pending(session, assignment.device_id, model_name, now)
-                _drop_shadows(session, changed, model_name)
-                session.flush()
-                issued = [self._issue(session, device_id, now) for device_id in changed]
-                session.commit()
-            except BaseException:
+        with self._transaction(session) as issued:
+            _require_devices(session, ids)
+            assignments = session.exec(
+                select(Assignment).where(col(Assignment.device_id).in_(ids), Assignment.model_name == model_name)
+            ).all()
+            changed = [a.device_id for a in assignments]
+            if not changed:
                 session.rollback()
-                raise
-            self._publish(issued)
+                return []
+            for assignment in assignments:
+                session.delete(assignment)
+                _supersede_pending(session, assignment.device_id, model_name, now)
+            _drop_shadows(session, changed, model_name)
+            session.flush()
+            issued += [self._issue(session, device_id, now) for device_id in changed]
         log.info("unassigned %s from %d device(s)", model_name, len(changed))
         return changed
 
@@ -283,51 +272,45 @@ class DesiredStateService:
             raise MessageError("a shadow needs at least one device")
         if not (math.isfinite(sample_rate) and 0.0 < sample_rate <= 1.0):
             raise MessageError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        with self._lock:
-            try:
-                candidate = _model_version(session, model_name, version)
-                _require_devices(session, ids)
-                assigned = session.exec(
-                    select(Assignment).where(col(Assignment.device_id).in_(ids), Assignment.model_name == model_name)
-                ).all()
-                serving = {a.device_id: a.version for a in assigned}
-                not_running = [i for i in ids if i not in serving]
-                if not_running:
-                    raise ConflictError(
-                        f"device(s) {not_running[:10]} do not run model {model_name!r}: deploy it before shadowing"
+        with self._transaction(session) as issued:
+            candidate = _model_version(session, model_name, version)
+            _require_devices(session, ids)
+            assigned = session.exec(
+                select(Assignment).where(col(Assignment.device_id).in_(ids), Assignment.model_name == model_name)
+            ).all()
+            serving = {a.device_id: a.version for a in assigned}
+            not_running = [i for i in ids if i not in serving]
+            if not_running:
+                raise ConflictError(
+                    f"device(s) {not_running[:10]} do not run model {model_name!r}: deploy it before shadowing"
+                )
+            serving_already = [i for i in ids if serving[i] == version]
+            if serving_already:
+                raise ConflictError(f"device(s) {serving_already[:10]} already serve {model_name!r} {version!r}")
+            inputs = manifest_of(candidate).inputs
+            for serving_version in sorted(set(serving.values())):
+                served = manifest_of(_model_version(session, model_name, serving_version)).inputs
+                if served != inputs:
+                    raise IncompatibleBundleError(
+                        f"{model_name!r} {version!r} takes {[t.to_dict() for t in inputs]}, but the serving "
+                        f"version {serving_version!r} takes {[t.to_dict() for t in served]}: a shadow must take "
+                        "the same inputs"
                     )
-                serving_already = [i for i in ids if serving[i] == version]
-                if serving_already:
-                    raise ConflictError(f"device(s) {serving_already[:10]} already serve {model_name!r} {version!r}")
-                inputs = manifest_of(candidate).inputs
-                for serving_version in sorted(set(serving.values())):
-                    served = manifest_of(_model_version(session, model_name, serving_version)).inputs
-                    if served != inputs:
-                        raise IncompatibleBundleError(
-                            f"{model_name!r} {version!r} takes {[t.to_dict() for t in inputs]}, but the serving "
-                            f"version {serving_version!r} takes {[t.to_dict() for t in served]}: a shadow must take "
-                            "the same inputs"
-                        )
-                _drop_shadows(session, ids, model_name)
-                session.flush()
-                rows = [
-                    ShadowAssignment(
-                        device_id=device_id,
-                        model_name=model_name,
-                        version=version,
-                        sample_rate=sample_rate,
-                        created_at=_utc(now),
-                    )
-                    for device_id in ids
-                ]
-                session.add_all(rows)
-                session.flush()
-                issued = [self._issue(session, device_id, now) for device_id in ids]
-                session.commit()
-            except BaseException:
-                session.rollback()
-                raise
-            self._publish(issued)
+            _drop_shadows(session, ids, model_name)
+            session.flush()
+            rows = [
+                ShadowAssignment(
+                    device_id=device_id,
+                    model_name=model_name,
+                    version=version,
+                    sample_rate=sample_rate,
+                    created_at=_utc(now),
+                )
+                for device_id in ids
+            ]
+            session.add_all(rows)
+            session.flush()
+            issued += [self._issue(session, device_id, now) for device_id in ids]
         for row in rows:
             session.refresh(row)
         log.info("shadowing %s %s (sample rate %g) on %d device(s)", model_name, version, sample_rate, len(ids))
@@ -345,27 +328,21 @@ class DesiredStateService:
             NotFoundError: A device does not exist.
         """
         ids = list(dict.fromkeys(device_ids))
-        with self._lock:
-            try:
-                _require_devices(session, ids)
-                changed = list(
-                    session.exec(
-                        select(ShadowAssignment.device_id).where(
-                            col(ShadowAssignment.device_id).in_(ids), ShadowAssignment.model_name == model_name
-                        )
-                    ).all()
-                )
-                if not changed:
-                    session.rollback()
-                    return []
-                _drop_shadows(session, changed, model_name)
-                session.flush()
-                issued = [self._issue(session, device_id, now) for device_id in changed]
-                session.commit()
-            except BaseException:
+        with self._transaction(session) as issued:
+            _require_devices(session, ids)
+            changed = list(
+                session.exec(
+                    select(ShadowAssignment.device_id).where(
+                        col(ShadowAssignment.device_id).in_(ids), ShadowAssignment.model_name == model_name
+                    )
+                ).all()
+            )
+            if not changed:
                 session.rollback()
-                raise
-            self._publish(issued)
+                return []
+            _drop_shadows(session, changed, model_name)
+            session.flush()
+            issued += [self._issue(session, device_id, now) for device_id in changed]
         log.info("stopped the shadow of %s on %d device(s)", model_name, len(changed))
         return changed
 
@@ -381,29 +358,23 @@ class DesiredStateService:
         """
         done: list[str] = []
         while True:
-            with self._lock:
-                try:
-                    # Each batch commits, and re-signed states move their midpoint into the
-                    # future, so this query never returns the same device twice.
-                    batch = session.exec(
-                        select(Device.id)
-                        .where(
-                            Device.desired_sequence > 0,
-                            col(Device.desired_issued_at).is_not(None),
-                            (col(Device.desired_issued_at) + col(Device.desired_expires_at)) / 2 <= now,
-                        )
-                        .order_by(col(Device.id))
-                        .limit(RESIGN_BATCH)
-                    ).all()
-                    if not batch:
-                        session.rollback()
-                        break
-                    issued = [self._issue(session, device_id, now) for device_id in batch]
-                    session.commit()
-                except BaseException:
+            with self._transaction(session) as issued:
+                # Each batch commits, and re-signed states move their midpoint into the
+                # future, so this query never returns the same device twice.
+                batch = session.exec(
+                    select(Device.id)
+                    .where(
+                        Device.desired_sequence > 0,
+                        col(Device.desired_issued_at).is_not(None),
+                        (col(Device.desired_issued_at) + col(Device.desired_expires_at)) / 2 <= now,
+                    )
+                    .order_by(col(Device.id))
+                    .limit(RESIGN_BATCH)
+                ).all()
+                if not batch:
                     session.rollback()
-                    raise
-                self._publish(issued)
+                    break
+                issued += [self._issue(session, device_id, now) for device_id in batch]
             done.extend(batch)
         if done:
             log.info("re-signed the desired state of %d device(s)", len(done))
@@ -420,14 +391,9 @@ class DesiredStateService:
         """
         with self._lock:
             self._key = key
-            try:
-                ids = session.exec(select(Device.id).where(Device.desired_sequence > 0).order_by(col(Device.id))).all()
-                issued = [self._issue(session, device_id, now) for device_id in ids]
-                session.commit()
-            except BaseException:
-                session.rollback()
-                raise
-            self._publish(issued)
+        with self._transaction(session) as issued:
+            ids = session.exec(select(Device.id).where(Device.desired_sequence > 0).order_by(col(Device.id))).all()
+            issued += [self._issue(session, device_id, now) for device_id in ids]
         log.info("online key rotated; re-signed %d desired state(s)", len(issued))
         return len(issued)
 
@@ -446,6 +412,20 @@ class DesiredStateService:
             for device_id, envelope in rows:
                 self._publisher.publish(device_topic(device_id, Leaf.DESIRED), envelope.encode(), retain=True)
         return len(rows)
+
+    @contextmanager
+    def _transaction(self, session: Session) -> Iterator[list[tuple[DesiredState, bytes]]]:
+        """One change: under the publish lock, commit it (or roll it back on any error), then
+        publish the desired states it issued, so publish order always follows sequence order."""
+        with self._lock:
+            issued: list[tuple[DesiredState, bytes]] = []
+            try:
+                yield issued
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+            self._publish(issued)
 
     def _issue(self, session: Session, device_id: str, now: float) -> tuple[DesiredState, bytes]:
         """Bump the sequence, compute, sign and store the desired state of one device (no commit)."""
