@@ -21,12 +21,11 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from agent.compatibility import check_installable, device_accelerators, device_machine, raised_floor
 from agent.config import AgentConfig
 from agent.deployment import RECOVERY, Event, Recovery, State, advance
 from agent.faults import pause_point
+from agent.health_check import run_health_check, sample_inputs
 from agent.http_fetch import HttpFetcher
 from agent.model_host import ModelHost
 from agent.runtimes import LoadedModel, RuntimeOptions, load_model
@@ -39,7 +38,6 @@ from shared.errors import (
     BundleError,
     EdgefleetError,
     IncompatibleBundleError,
-    InferenceError,
     MessageError,
     SignatureError,
     TransferError,
@@ -310,7 +308,7 @@ class Reconciler:
             )
             model = self._activate(new)
             progress = self._step(progress, Event.ACTIVATED)  # -> HEALTH_CHECKING
-            self._health_check(model)
+            self._health_check(model, slot, manifest)
             progress = self._step(progress, Event.HEALTHY)  # -> DONE
         except _Failed as failure:
             return self._fail(progress, failure)
@@ -410,22 +408,15 @@ class Reconciler:
             self._host.retire(old)
         return model
 
-    def _health_check(self, model: LoadedModel) -> None:
-        """A warm-up inference on zeros of the declared input shapes, within the time budget."""
-        inputs = {
-            spec.name: np.zeros([1 if d == -1 else d for d in spec.shape], dtype=spec.numpy_dtype)
-            for spec in model.inputs
-        }
-        started = time.monotonic()
+    def _health_check(self, model: LoadedModel, slot: Path | None = None, manifest: Manifest | None = None) -> None:
+        """Warm-up inference on the bundle's sample inputs (or zeros) within its latency budget."""
+        budget_s = self._config.health_check_timeout_s
+        if manifest is not None and manifest.latency_budget_ms is not None:
+            budget_s = manifest.latency_budget_ms / 1000.0
         try:
-            outputs = model.predict(inputs)
-        except (InferenceError, EdgefleetError) as exc:
+            run_health_check(model, sample_inputs(model, slot, manifest), budget_s)
+        except EdgefleetError as exc:
             raise _Failed(Event.FAIL, exc) from exc
-        elapsed = time.monotonic() - started
-        if elapsed > self._config.health_check_timeout_s:
-            raise _Failed(Event.FAIL, InferenceError(f"warm-up took {elapsed:.1f} s, over the budget"))
-        if set(outputs) != {spec.name for spec in model.outputs}:
-            raise _Failed(Event.FAIL, InferenceError(f"outputs {sorted(outputs)} do not match the signature"))
 
     def _fail(self, progress: InProgress, failure: _Failed) -> bool:
         cause = failure.cause

@@ -107,7 +107,8 @@ def models_push(
         Path | None,
         typer.Option(
             envvar="EDGEFLEET_PUBLISHER_KEY",
-            help="Sign the bundle here with this publisher key (PEM file) and upload only the signed bundle: "
+            help="Sign the bundle here with this publisher key (PEM file; or PEM text in $EDGEFLEET_PUBLISHER_KEY_PEM) "
+            "and upload only the signed bundle: "
             "the control plane never holds the key. Without it, the control plane signs with its own key.",
         ),
     ] = None,
@@ -115,13 +116,20 @@ def models_push(
         str | None,
         typer.Option(help="With --key: devices that install this release refuse versions below this one."),
     ] = None,
+    health_inputs: Annotated[
+        Path | None,
+        typer.Option(help="With --key: .npz of sample inputs (one array per input) for the device's health check."),
+    ] = None,
+    latency_budget_ms: Annotated[
+        float | None, typer.Option(help="With --key: the health-check inference must finish within this.")
+    ] = None,
     api_url: ApiUrl = DEFAULT_API_URL,
     as_json: AsJson = False,
 ) -> None:
     """Publish a model as a signed bundle (signed here with --key, or by the control plane)."""
     try:
         with _client(api_url) as client:
-            if key is not None:
+            if key is not None or os.environ.get("EDGEFLEET_PUBLISHER_KEY_PEM"):
                 from control_plane.signing_local import build_signed_bundle
 
                 bundle = build_signed_bundle(
@@ -132,6 +140,8 @@ def models_push(
                     description=description,
                     key_file=key,
                     min_version=min_version,
+                    health_inputs=health_inputs,
+                    latency_budget_ms=latency_budget_ms,
                 )
                 try:
                     result = client.push_bundle(bundle)
@@ -297,8 +307,10 @@ def keys_rotate(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
-        console.print(f"keyring v{result['version']}: publishers {[k[:12] for k in result['publisher_keys']]}, "
-                      f"online {[k[:12] for k in result['online_keys']]}")
+        console.print(
+            f"keyring v{result['version']}: publishers {[k[:12] for k in result['publisher_keys']]}, "
+            f"online {[k[:12] for k in result['online_keys']]}"
+        )
 
 
 @deployments_app.command("list")

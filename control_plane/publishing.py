@@ -244,6 +244,9 @@ def _existing(session: Session, name: str, version: str, runtime: str, model_sha
     )
 
 
+HEALTH_INPUTS_FILE = "health/inputs.npz"
+
+
 def describe_model(
     model_path: Path,
     name: str,
@@ -253,10 +256,14 @@ def describe_model(
     labels: Mapping[str, str] | None,
     *,
     min_version: str | None = None,
+    health_inputs: Path | None = None,
+    latency_budget_ms: float | None = None,
 ) -> Manifest:
     """Load the model to read its signature and describe it in a manifest (not yet signed).
 
-    ``min_version`` sets the rollback floor devices enforce once they installed this bundle.
+    ``min_version`` sets the rollback floor devices enforce once they installed this bundle;
+    ``health_inputs`` (an ``.npz``, one array per input) ships as :data:`HEALTH_INPUTS_FILE` and is
+    what the device's post-activation warm-up runs on, within ``latency_budget_ms``.
     """
     try:
         loaded = load_model(runtime, model_path, name=name, version=version)
@@ -274,12 +281,14 @@ def describe_model(
         version=version,
         runtime=runtime,
         model_file=model_file,
-        files={model_file: model_path},
+        files={model_file: model_path, **({HEALTH_INPUTS_FILE: health_inputs} if health_inputs else {})},
         inputs=inputs,
         outputs=outputs,
         description=description,
         labels=labels,
         min_version=min_version,
+        health_inputs=HEALTH_INPUTS_FILE if health_inputs else None,
+        latency_budget_ms=latency_budget_ms,
     )
 
 

@@ -74,6 +74,8 @@ def make_manifest(
     compatibility: Compatibility | None = None,
     drift_reference: dict[str, Any] | None = None,
     min_version: str | None = None,
+    health_inputs: str | None = None,
+    latency_budget_ms: float | None = None,
 ) -> Manifest:
     """Hash ``files`` (bundle path -> source file) and describe them in a validated manifest."""
     entries = []
@@ -99,6 +101,8 @@ def make_manifest(
         labels=dict(labels or {}),
         drift_reference=drift_reference,
         min_version=min_version,
+        health_inputs=health_inputs,
+        latency_budget_ms=latency_budget_ms,
     )
     # Round-trip through the strict decoder so a publisher can never sign what a device rejects.
     return Manifest.decode(manifest.encode())

@@ -18,6 +18,7 @@ from shared.strict import (
     check_keys,
     check_schema,
     dumps,
+    get_float,
     get_int,
     get_list,
     get_str,
@@ -103,6 +104,10 @@ class Manifest:
     drift_reference: dict[str, Any] | None = None
     # Publisher-set rollback floor: once a device installed this bundle, it refuses versions below.
     min_version: str | None = None
+    # Health check after activation: a bundle file (.npz, one array per input) with sample inputs
+    # for the warm-up inference, and the time that inference may take.
+    health_inputs: str | None = None
+    latency_budget_ms: float | None = None
 
     def file(self, path: str) -> FileEntry:
         """The entry for ``path``; :class:`KeyError` if absent."""
@@ -132,6 +137,8 @@ class Manifest:
             "labels": dict(self.labels),
             "drift_reference": self.drift_reference,
             **({"min_version": self.min_version} if self.min_version is not None else {}),
+            **({"health_inputs": self.health_inputs} if self.health_inputs is not None else {}),
+            **({"latency_budget_ms": self.latency_budget_ms} if self.latency_budget_ms is not None else {}),
         }
 
     def encode(self) -> bytes:
@@ -150,7 +157,8 @@ class Manifest:
             raw,
             "manifest",
             {"schema", "name", "version", "runtime", "model_file", "files", "inputs", "outputs", "created_at"},
-            {"compatibility", "description", "labels", "drift_reference", "min_version"},
+            {"compatibility", "description", "labels", "drift_reference", "min_version", "health_inputs",
+             "latency_budget_ms"},
         )
         runtime = get_str(raw, "runtime", "manifest")
         if runtime not in RUNTIMES:
@@ -162,6 +170,12 @@ class Manifest:
         model_file = get_str(raw, "model_file", "manifest")
         if model_file not in paths:
             raise MessageError(f"manifest.model_file {model_file!r} is not among the listed files")
+        health_inputs = get_str(raw, "health_inputs", "manifest") if "health_inputs" in raw else None
+        if health_inputs is not None and health_inputs not in paths:
+            raise MessageError(f"manifest.health_inputs {health_inputs!r} is not among the listed files")
+        budget = get_float(raw, "latency_budget_ms", "manifest") if "latency_budget_ms" in raw else None
+        if budget is not None and budget <= 0:
+            raise MessageError("manifest.latency_budget_ms must be positive")
         drift = raw.get("drift_reference")
         if drift is not None and not isinstance(drift, dict):
             raise MessageError("manifest.drift_reference: expected an object or null")
@@ -179,4 +193,6 @@ class Manifest:
             labels=get_str_map(raw, "labels", "manifest") if "labels" in raw else {},
             drift_reference=drift,
             min_version=get_str(raw, "min_version", "manifest", pattern=VERSION_RE) if "min_version" in raw else None,
+            health_inputs=health_inputs,
+            latency_budget_ms=budget,
         )
