@@ -132,7 +132,9 @@ def _start(settings: ServerSettings, clock: Callable[[], float], stack: ExitStac
         max_chunk_request_bytes=settings.max_chunk_request_bytes,
         clock=clock,
     )
-    desired = DesiredStateService(bridge, keys.online, ttl_s=settings.desired_state_ttl_s)
+    desired = DesiredStateService(
+        bridge, keys.online, ttl_s=settings.desired_state_ttl_s, bundle_base_url=settings.public_url
+    )
     bridge.start()
     stack.callback(bridge.stop)
     if not bridge.wait_ready(settings.broker_connect_timeout_s):

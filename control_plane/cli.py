@@ -70,6 +70,13 @@ def server(
     embedded_broker: Annotated[
         str | None, typer.Option(help="auto (mosquitto if installed, else amqtt), mosquitto or amqtt.")
     ] = None,
+    public_url: Annotated[
+        str | None,
+        typer.Option(
+            help="URL devices reach this server at; desired states then name HTTP bundle URLs. "
+            "[env EDGEFLEET_PUBLIC_URL]"
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Run the control plane (REST API + MQTT bridge; embedded broker unless --broker-host)."""
@@ -90,6 +97,7 @@ def server(
             broker_host=broker_host,
             broker_port=broker_port,
             embedded_broker_kind=embedded_broker,
+            public_url=public_url,
         )
     except EdgefleetError as exc:
         raise _fail(exc) from exc

@@ -64,6 +64,7 @@ def desired_state_for(
     issued_at: float,
     ttl_s: float,
     shadows: Mapping[str, tuple[ModelVersion, float]] | None = None,
+    bundle_base_url: str | None = None,
 ) -> DesiredState:
     """The desired state of a device, from the model versions assigned to it.
 
@@ -75,6 +76,9 @@ def desired_state_for(
         ttl_s: Seconds until it expires.
         shadows: By model name, the candidate :class:`ModelVersion` and sample rate of the
             device's shadow assignments; a candidate of the version already served is left out.
+        bundle_base_url: The control plane's public URL; if given, each directive names
+            ``{base}/api/v1/bundles/{digest}`` so agents can fetch over HTTP range requests
+            (MQTT chunks stay the fallback). The digest, not the URL, is what is trusted.
 
     Returns:
         The unsigned state, models sorted by name (same rows, same bytes).
@@ -87,7 +91,8 @@ def desired_state_for(
                 bundle_digest=m.bundle_digest,
                 bundle_size=m.bundle_size,
                 runtime=m.runtime,
-                shadow=_shadow_directive(m, (shadows or {}).get(m.name)),
+                urls=_bundle_urls(bundle_base_url, m.bundle_digest),
+                shadow=_shadow_directive(m, (shadows or {}).get(m.name), bundle_base_url),
             )
             for m in models
         ),
@@ -102,7 +107,13 @@ def desired_state_for(
     )
 
 
-def _shadow_directive(serving: ModelVersion, shadow: tuple[ModelVersion, float] | None) -> ShadowDirective | None:
+def _bundle_urls(base_url: str | None, digest: str) -> tuple[str, ...]:
+    return (f"{base_url.rstrip('/')}/api/v1/bundles/{digest}",) if base_url else ()
+
+
+def _shadow_directive(
+    serving: ModelVersion, shadow: tuple[ModelVersion, float] | None, bundle_base_url: str | None = None
+) -> ShadowDirective | None:
     if shadow is None or shadow[0].version == serving.version:
         return None
     candidate, sample_rate = shadow
@@ -112,6 +123,7 @@ def _shadow_directive(serving: ModelVersion, shadow: tuple[ModelVersion, float] 
         bundle_size=candidate.bundle_size,
         runtime=candidate.runtime,
         sample_rate=sample_rate,
+        urls=_bundle_urls(bundle_base_url, candidate.bundle_digest),
     )
 
 
@@ -123,17 +135,21 @@ def is_past_half_life(issued_at: float, expires_at: float, now: float) -> bool:
 class DesiredStateService:
     """Changes assignments and publishes the resulting signed desired states."""
 
-    def __init__(self, publisher: MessagePublisher, online_key: SigningKey, *, ttl_s: float) -> None:
+    def __init__(
+        self, publisher: MessagePublisher, online_key: SigningKey, *, ttl_s: float, bundle_base_url: str | None = None
+    ) -> None:
         """Create the service.
 
         Args:
             publisher: Where envelopes go (the MQTT bridge, or a fake in tests).
             online_key: Signs every desired state.
             ttl_s: Validity of each signed state, in seconds.
+            bundle_base_url: Public URL of the control plane, named in directives for HTTP download.
         """
         self._publisher = publisher
         self._key = online_key
         self._ttl_s = ttl_s
+        self._bundle_base_url = bundle_base_url
         # Taken before the session's first statement: on SQLite every transaction holds the
         # database write lock, and taking ours second could deadlock against a waiting writer.
         self._lock = threading.Lock()
@@ -452,6 +468,7 @@ class DesiredStateService:
             issued_at=now,
             ttl_s=self._ttl_s,
             shadows={m.name: (m, rate) for m, rate in shadows},
+            bundle_base_url=self._bundle_base_url,
         )
         envelope = state.seal(self._key)
         session.exec(

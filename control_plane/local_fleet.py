@@ -125,6 +125,7 @@ class LocalFleet:
     # Per device: the [broker] settings its config starts from (TLS files, say); enrollment then
     # fills in the address and the user name and password the control plane issued.
     agent_brokers: dict[str, BrokerConfig] = field(default_factory=dict)
+    bundle_urls: bool = False  # the control plane names its own HTTP bundle URLs in desired states
     control_plane: ManagedProcess | None = None
     api_url: str = ""
     agents: dict[str, AgentProcess] = field(default_factory=dict)
@@ -149,6 +150,8 @@ class LocalFleet:
             args += ["--broker-host", self.broker_host, "--broker-port", str(self.broker_port)]
         else:
             args += ["--embedded-broker", self.embedded_broker]
+        if self.bundle_urls:
+            args += ["--public-url", f"http://127.0.0.1:{port}"]
         credentials = {
             "EDGEFLEET_BROKER_USERNAME": self.broker_username,
             "EDGEFLEET_BROKER_PASSWORD": self.broker_password,

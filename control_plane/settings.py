@@ -8,6 +8,7 @@ bad value fails at start rather than at the first request that needs it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -41,6 +42,9 @@ class ServerSettings:
             ``broker_tls_*`` turns TLS on (without a CA file: the system's CAs).
         broker_tls_cert_file: Client certificate (PEM) to present, with ``broker_tls_key_file``.
         broker_tls_key_file: The client certificate's private key (PEM, unencrypted).
+        public_url: The control plane's URL as devices reach it; when set, desired states name
+            ``{public_url}/api/v1/bundles/<digest>`` so agents download over HTTP range requests
+            (MQTT chunks remain the fallback).
         device_broker_host: Broker host handed to devices at enrollment; default: the one the
             control plane itself connects to (often a loopback or internal address).
         device_broker_port: Broker port handed to devices at enrollment (e.g. the TLS port).
@@ -72,6 +76,7 @@ class ServerSettings:
     broker_tls_ca_file: str | None = None
     broker_tls_cert_file: str | None = None
     broker_tls_key_file: str | None = None
+    public_url: str | None = None  # e.g. https://cp.example.com: named in directives for HTTP download
     device_broker_host: str | None = None  # what enrollment tells devices (e.g. the public TLS name)
     device_broker_port: int | None = None
     client_id_suffix: str = ""
@@ -99,6 +104,8 @@ class ServerSettings:
             raise ConfigError(f"api_port must be in 1..65535, got {self.api_port}")
         if self.broker_port is not None and not 0 <= self.broker_port <= 65535:
             raise ConfigError(f"broker_port must be in 0..65535, got {self.broker_port}")
+        if self.public_url is not None and not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", self.public_url):
+            raise ConfigError(f"public_url must be an http(s) URL, got {self.public_url!r:.80}")
         if self.embedded_broker_kind not in ("auto", "mosquitto", "amqtt"):
             raise ConfigError(
                 f"embedded_broker_kind must be auto, mosquitto or amqtt, got {self.embedded_broker_kind!r}"
