@@ -75,6 +75,18 @@ def _older(a: str, b: str) -> bool:
         return False
 
 
+def preferred_providers(
+    bundle_accelerators: tuple[str, ...], configured: tuple[str, ...] | None
+) -> tuple[str, ...] | None:
+    """ONNX Runtime providers to prefer for a bundle: the agent's config wins; else the bundle's
+    accelerators in its order (CPU stays the last resort); else ``None`` (automatic choice)."""
+    if configured is not None:
+        return configured
+    by_accelerator = {acc: provider for provider, acc in _PROVIDER_ACCELERATORS.items()}
+    wanted = tuple(by_accelerator[a] for a in bundle_accelerators if a in by_accelerator)
+    return wanted + ("CPUExecutionProvider",) if wanted else None
+
+
 @cache
 def device_accelerators() -> frozenset[str]:
     """Accelerators this node offers, from the installed onnxruntime's providers."""

@@ -21,7 +21,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.compatibility import check_installable, device_accelerators, device_machine, raised_floor
+from agent.compatibility import (
+    check_installable,
+    device_accelerators,
+    device_machine,
+    preferred_providers,
+    raised_floor,
+)
 from agent.config import AgentConfig
 from agent.deployment import RECOVERY, Event, Recovery, State, advance
 from agent.faults import pause_point
@@ -305,6 +311,7 @@ class Reconciler:
                 runtime=manifest.runtime,
                 slot=slot.name,
                 model_file=manifest.model_file,
+                accelerators=manifest.compatibility.accelerators,
             )
             model = self._activate(new)
             progress = self._step(progress, Event.ACTIVATED)  # -> HEALTH_CHECKING
@@ -395,7 +402,9 @@ class Reconciler:
 
     def _load(self, active: ActiveModel) -> LoadedModel:
         path = self._models_dir / active.name / active.slot / active.model_file
-        return load_model(active.runtime, path, name=active.name, version=active.version, options=self._runtime_options)
+        providers = preferred_providers(active.accelerators, self._config.runtime.onnx_providers)
+        options = dataclasses.replace(self._runtime_options, providers=providers)
+        return load_model(active.runtime, path, name=active.name, version=active.version, options=options)
 
     def _activate(self, new: ActiveModel) -> LoadedModel:
         try:

@@ -32,8 +32,9 @@ class ActiveModel:
     runtime: str
     slot: str  # directory name under models/<name>/
     model_file: str
+    accelerators: tuple[str, ...] = ()  # from the signed manifest: which providers to prefer
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "version": self.version,
@@ -41,6 +42,7 @@ class ActiveModel:
             "runtime": self.runtime,
             "slot": self.slot,
             "model_file": self.model_file,
+            "accelerators": list(self.accelerators),
         }
 
 
@@ -139,16 +141,20 @@ class AgentState:
             desired_envelope=raw.get("desired_envelope"),
             accepted_sequence=int(raw["accepted_sequence"]),
             applied_sequence=int(raw["applied_sequence"]),
-            active={k: ActiveModel(**v) for k, v in raw["active"].items()},
+            active={k: _active(v) for k, v in raw["active"].items()},
             in_progress=None
             if progress is None
             else InProgress(
-                **{**progress, "previous": ActiveModel(**progress["previous"]) if progress["previous"] else None}
+                **{**progress, "previous": _active(progress["previous"]) if progress["previous"] else None}
             ),
             failed=dict(raw.get("failed", {})),
             floors=dict(raw.get("floors", {})),
             shadows={k: ShadowModel(**v) for k, v in raw.get("shadows", {}).items()},
         )
+
+
+def _active(raw: dict[str, Any]) -> ActiveModel:
+    return ActiveModel(**{**raw, "accelerators": tuple(raw.get("accelerators", ()))})
 
 
 class StateStore:

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from agent.compatibility import check_installable, raised_floor
+from agent.compatibility import check_installable, preferred_providers, raised_floor
 from shared.errors import DowngradeError, IncompatibleBundleError
 from shared.manifest import Compatibility, FileEntry, Manifest
 from shared.messages import ModelDirective
@@ -70,3 +70,14 @@ def test_a_downgrade_below_the_floor_is_refused_and_floors_only_rise() -> None:
     assert raised_floor(None, replace(MANIFEST, min_version="1.5")) == "1.5"
     assert raised_floor("2.0", replace(MANIFEST, min_version="1.5")) == "2.0"
     assert raised_floor("1.0", MANIFEST) == "1.0"
+
+
+def test_provider_preference_config_wins_then_the_bundles_accelerators() -> None:
+    assert preferred_providers(("tensorrt", "cuda"), None) == (
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    )
+    assert preferred_providers(("cuda",), ("OpenVINOExecutionProvider",)) == ("OpenVINOExecutionProvider",)
+    assert preferred_providers((), None) is None  # automatic: best the node has
+    assert preferred_providers(("unknown-npu",), None) is None
