@@ -88,6 +88,22 @@ class TransferConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ShadowConfig:
+    """Bounds on what one shadow candidate may cost the device.
+
+    Attributes:
+        queue_max_samples: Samples waiting for the candidate; more are dropped (and counted),
+            never queued: a slow candidate must not grow memory or slow the serving path.
+        latency_reservoir_size: Latencies kept per model (serving and candidate) for the p50.
+        stop_timeout_s: How long unloading waits for the candidate's current inference.
+    """
+
+    queue_max_samples: int = 64  # count
+    latency_reservoir_size: int = 512  # count
+    stop_timeout_s: float = 5.0  # seconds
+
+
+@dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
     """Inference runtime settings."""
 
@@ -137,6 +153,7 @@ class AgentConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     heartbeat_interval_s: float = 60.0
     health_check_timeout_s: float = 30.0
@@ -169,6 +186,7 @@ class AgentConfig:
             "api": ApiConfig,
             "transfer": TransferConfig,
             "runtime": RuntimeConfig,
+            "shadow": ShadowConfig,
             "batching": BatchingConfig,
         }
         values: dict[str, Any] = {"device_id": device_id, "data_dir": (base_dir / data_dir).resolve()}
@@ -206,6 +224,8 @@ def _check_ranges(config: AgentConfig) -> None:
         (config.heartbeat_interval_s > 0, "heartbeat_interval_s must be positive"),
         (config.runtime.intra_op_threads >= 1, "runtime.intra_op_threads must be at least 1"),
         (config.slots_kept_per_model >= 1, "slots_kept_per_model must be at least 1"),
+        (config.shadow.queue_max_samples >= 1, "shadow.queue_max_samples must be at least 1"),
+        (config.shadow.latency_reservoir_size >= 1, "shadow.latency_reservoir_size must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:

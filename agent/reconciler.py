@@ -35,7 +35,7 @@ from agent.health_check import run_health_check, sample_inputs
 from agent.http_fetch import HttpFetcher
 from agent.model_host import ModelHost
 from agent.runtimes import LoadedModel, RuntimeOptions, load_model
-from agent.shadow import ShadowLimits, ShadowRunner
+from agent.shadow import ShadowRunner
 from agent.state_store import ActiveModel, InProgress, ShadowModel, StateStore
 from agent.transfer import Cancelled, ChunkFetcher
 from agent.trust_store import TrustStore
@@ -110,7 +110,7 @@ class Reconciler:
         self._runtime_options = RuntimeOptions(
             intra_op_threads=config.runtime.intra_op_threads, providers=config.runtime.onnx_providers
         )
-        self._shadow_limits = ShadowLimits()
+        self._shadow_limits = config.shadow
         self._shadow_fetching: str | None = None  # digest of the shadow bundle being downloaded
         self._shadows_recovered = False
         self.idle = threading.Event()  # set while nothing is left to do (tests and the demo wait on it)

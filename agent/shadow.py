@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.config import ShadowConfig
 from agent.runtimes.base import LoadedModel
 from shared.messages import ShadowReport
 
@@ -52,20 +53,8 @@ log = logging.getLogger(__name__)
 _MAX_MESSAGE_CHARS = 500  # characters of the last error kept for the report
 
 
-@dataclass(frozen=True, kw_only=True)
-class ShadowLimits:
-    """Bounds on what one shadow candidate may cost the device.
-
-    Attributes:
-        queue_max_samples: Samples waiting for the candidate; more are dropped (and counted),
-            never queued: a slow candidate must not grow memory or slow the serving path.
-        latency_reservoir_size: Latencies kept per model (serving and candidate) for the p50.
-        stop_timeout_s: How long unloading waits for the candidate's current inference.
-    """
-
-    queue_max_samples: int = 64  # count
-    latency_reservoir_size: int = 512  # count
-    stop_timeout_s: float = 5.0  # seconds
+# The limits are the agent config's ``[shadow]`` section (units in the field names' comments).
+ShadowLimits = ShadowConfig
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,16 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig, ApiConfig, BrokerConfig, RuntimeConfig, TransferConfig, TrustConfig, render_config
+from agent.config import (
+    AgentConfig,
+    ApiConfig,
+    BrokerConfig,
+    RuntimeConfig,
+    ShadowConfig,
+    TransferConfig,
+    TrustConfig,
+    render_config,
+)
 from agent.state_store import STATE_FILE, STATE_SCHEMA, ActiveModel, AgentState, InProgress, StateStore
 from shared.errors import ConfigError
 
@@ -257,3 +266,11 @@ def test_a_state_path_that_cannot_be_read_is_a_config_error(tmp_path: Path) -> N
     (tmp_path / STATE_FILE).mkdir()  # e.g. a botched restore; reading it raises IsADirectoryError
     with pytest.raises(ConfigError, match="unreadable"):
         StateStore(tmp_path)
+
+
+def test_shadow_limits_are_a_config_section() -> None:
+    config = AgentConfig.from_dict({"device_id": "pi", "data_dir": "d", "shadow": {"queue_max_samples": 8}})
+    assert config.shadow == ShadowConfig(queue_max_samples=8)
+    assert AgentConfig.from_dict(tomllib.loads(render_config(config))).shadow.queue_max_samples == 8
+    with pytest.raises(ConfigError, match="shadow.queue_max_samples"):
+        AgentConfig.from_dict({"device_id": "pi", "data_dir": "d", "shadow": {"queue_max_samples": 0}})
