@@ -329,7 +329,7 @@ class Reconciler:
 
     def _step(self, progress: InProgress, event: Event) -> InProgress:
         step = advance(State(progress.state), event)
-        progress = InProgress(**{**_fields(progress), "state": step.state.value})
+        progress = dataclasses.replace(progress, state=step.state.value)
         # Persisted before the step runs: this is what recovery reads after a crash.
         self._store.update(in_progress=progress)
         pause_point(progress.state)
@@ -432,7 +432,7 @@ class Reconciler:
         code = cause.code if isinstance(cause, EdgefleetError) else type(cause).__name__
         log.warning("deployment %s:%s failed in %s: %s", progress.name, progress.version, progress.state, cause)
         step = advance(State(progress.state), failure.event)
-        progress = InProgress(**{**_fields(progress), "state": step.state.value})
+        progress = dataclasses.replace(progress, state=step.state.value)
         if step.state is State.ROLLING_BACK:
             self._store.update(in_progress=progress)
             pause_point(progress.state)
@@ -749,10 +749,6 @@ class Reconciler:
 def _slot_name(version: str, bundle_digest: str) -> str:
     """The directory under ``models/<name>/`` a bundle is unpacked into."""
     return f"{version}-{bundle_digest[7:19]}"
-
-
-def _fields(progress: InProgress) -> dict[str, object]:
-    return {f.name: getattr(progress, f.name) for f in dataclasses.fields(progress)}
 
 
 def _is_duplicate(envelope: bytes, accepted: str | None) -> bool:

@@ -15,7 +15,7 @@ Theory of operation::
   out the serving model itself: no cost at all. The candidate's own inference and the
   comparison run on the worker thread; on a small device they still compete with serving for
   CPU (and the GIL), which is what ``sample_rate`` is for.
-- The queue is bounded (:attr:`ShadowLimits.queue_max_samples`): when the worker falls behind,
+- The queue is bounded (:attr:`ShadowConfig.queue_max_samples`): when the worker falls behind,
   samples are dropped and counted, never waited for.
 - Whatever the candidate does (raise, return garbage, run slowly) is counted in its stats and
   never reaches the caller: the serving outputs were returned before the candidate ran.
@@ -51,10 +51,6 @@ from shared.messages import ShadowReport
 log = logging.getLogger(__name__)
 
 _MAX_MESSAGE_CHARS = 500  # characters of the last error kept for the report
-
-
-# The limits are the agent config's ``[shadow]`` section (units in the field names' comments).
-ShadowLimits = ShadowConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +139,7 @@ class ShadowStats:
     requests the candidate raised on or answered incomparably.
     """
 
-    def __init__(self, *, reservoir_size: int = ShadowLimits.latency_reservoir_size, seed: int | None = None) -> None:
+    def __init__(self, *, reservoir_size: int = ShadowConfig.latency_reservoir_size, seed: int | None = None) -> None:
         rng = random.Random(seed)
         self.requests = 0
         self.samples = 0
@@ -215,7 +211,7 @@ class ShadowRunner:
         *,
         bundle_digest: str,
         sample_rate: float,
-        limits: ShadowLimits | None = None,
+        limits: ShadowConfig | None = None,
         seed: int | None = None,
     ) -> None:
         """Start the worker.
@@ -234,7 +230,7 @@ class ShadowRunner:
         self.sample_rate = sample_rate
         self.serving_version = ""
         self._serving_output = ""  # the serving model's first output, compared with the candidate's
-        self._limits = limits or ShadowLimits()
+        self._limits = limits or ShadowConfig()
         self._seed = seed
         self._random = random.Random(seed).random
         # A SimpleQueue (C, lock-free for the caller) bounded by a qsize() check: queue.Queue's

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,7 @@ class ActiveModel:
     accelerators: tuple[str, ...] = ()  # from the signed manifest: which providers to prefer
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "bundle_digest": self.bundle_digest,
-            "runtime": self.runtime,
-            "slot": self.slot,
-            "model_file": self.model_file,
-            "accelerators": list(self.accelerators),
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,17 +53,7 @@ class InProgress:
     previous: ActiveModel | None  # what to roll back to
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "sequence": self.sequence,
-            "name": self.name,
-            "version": self.version,
-            "bundle_digest": self.bundle_digest,
-            "bundle_size": self.bundle_size,
-            "runtime": self.runtime,
-            "state": self.state,
-            "started_at": self.started_at,
-            "previous": self.previous.to_dict() if self.previous else None,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,19 +73,7 @@ class ShadowModel:
     failed_sequence: int = 0  # the accepted desired-state sequence it failed under (not retried there)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "bundle_digest": self.bundle_digest,
-            "runtime": self.runtime,
-            "sample_rate": self.sample_rate,
-            "serving_version": self.serving_version,
-            "state": self.state,
-            "slot": self.slot,
-            "model_file": self.model_file,
-            "message": self.message,
-            "failed_sequence": self.failed_sequence,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

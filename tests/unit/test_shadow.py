@@ -24,8 +24,8 @@ from agent.runtimes.base import LoadedModel
 from agent.shadow import (
     LatencyReservoir,
     OutputMismatchError,
+    ShadowConfig,
     ShadowedModel,
-    ShadowLimits,
     ShadowRunner,
     ShadowStats,
     compare_outputs,
@@ -189,7 +189,7 @@ def test_serving_answer_is_returned_unchanged_before_a_slow_shadow_runs(runners:
 def test_full_queue_drops_and_counts_without_blocking(runners: list[ShadowRunner]) -> None:
     serving = StubModel("1", lambda x: x)
     candidate = GatedModel("2", lambda x: x)
-    runner = _runner(runners, candidate, sample_rate=1.0, limits=ShadowLimits(queue_max_samples=2))
+    runner = _runner(runners, candidate, sample_rate=1.0, limits=ShadowConfig(queue_max_samples=2))
     runner.bind(serving)
     wrapped = ShadowedModel(serving, runner)
     wrapped.predict({"x": _x(1)})
