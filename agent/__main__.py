@@ -1,5 +1,5 @@
-"""``python -m agent`` = ``edgefleet-agent``."""
+"""``python -m edgefleet.agent`` = ``edgefleet-agent``."""
 
-from agent.cli import main
+from edgefleet.agent.cli import main
 
 main()

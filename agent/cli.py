@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from agent.config import AgentConfig, ApiConfig, BrokerConfig, TrustConfig, render_config
-from shared.errors import EdgefleetError
+from edgefleet.agent.config import AgentConfig, ApiConfig, BrokerConfig, TrustConfig, render_config
+from edgefleet.shared.errors import EdgefleetError
 
 app = typer.Typer(
     help="The edgefleet agent: receives signed model bundles over MQTT and serves them locally.",
@@ -33,7 +33,7 @@ def run(
     except EdgefleetError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    from agent.service import Agent  # imported late: `--help` should not pay for runtimes
+    from edgefleet.agent.service import Agent  # imported late: `--help` should not pay for runtimes
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -85,7 +85,7 @@ def enroll(
     broker_host: Annotated[str | None, typer.Option(help="Override the broker host the control plane reports.")] = None,
 ) -> None:
     """Enroll this device: consume a one-time token, pin the keyring, write the agent config."""
-    from agent.enrollment import enroll_device, write_enrolled_config
+    from edgefleet.agent.enrollment import enroll_device, write_enrolled_config
 
     try:
         enrolled = enroll_device(server, token)

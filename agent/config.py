@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError
-from shared.strict import DEVICE_ID_RE
+from edgefleet.shared.errors import ConfigError
+from edgefleet.shared.wire.strict import DEVICE_ID_RE
 
 
 @dataclass(frozen=True, kw_only=True)

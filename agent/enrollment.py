@@ -7,10 +7,10 @@ from pathlib import Path
 
 import httpx
 
-from agent.config import AgentConfig, BrokerConfig, TrustConfig, render_config
-from shared.errors import EdgefleetError, TransferError, TrustError
-from shared.files import atomic_write_bytes
-from shared.trust import Keyring
+from edgefleet.agent.config import AgentConfig, BrokerConfig, TrustConfig, render_config
+from edgefleet.shared.errors import EdgefleetError, TransferError, TrustError
+from edgefleet.shared.files import atomic_write_bytes
+from edgefleet.shared.trust.keyring import Keyring
 
 PINNED_KEYRING_FILE = "pinned-keyring.json"
 

@@ -14,18 +14,18 @@ from collections.abc import Mapping
 import numpy as np
 import uvicorn
 
-from agent.bandwidth import BandwidthLimiter
-from agent.config import AgentConfig
-from agent.http_fetch import HttpFetcher
-from agent.inference_api import create_inference_app
-from agent.model_host import ModelHost
-from agent.mqtt_link import MqttLink
-from agent.reconciler import Reconciler
-from agent.state_store import StateStore
-from agent.transfer import ChunkFetcher
-from shared.chunks import ChunkRequest
-from shared.errors import NotFoundError
-from shared.topics import Leaf
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.deployment.reconciler import Reconciler
+from edgefleet.agent.deployment.state_store import StateStore
+from edgefleet.agent.link import MqttLink
+from edgefleet.agent.serving.host import ModelHost
+from edgefleet.agent.serving.v2_api import create_inference_app
+from edgefleet.agent.transfer.bandwidth import BandwidthLimiter
+from edgefleet.agent.transfer.http import HttpFetcher
+from edgefleet.agent.transfer.mqtt_chunks import ChunkFetcher
+from edgefleet.shared.errors import NotFoundError
+from edgefleet.shared.wire.chunks import ChunkRequest
+from edgefleet.shared.wire.topics import Leaf
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Run from the repository root::
     python bench/inference.py            # more rounds, steadier numbers
     python bench/inference.py --quick    # well under a minute on 2 cores
 
-The model is the demo MLP (``control_plane.demo_models``: 32 -> 64 -> 64 -> 4, softmax), built
+The model is the demo MLP (``control_plane.devtools.demo_models``: 32 -> 64 -> 64 -> 4, softmax), built
 here as ONNX and as TFLite from the same weights.
 
 What it compares (every pair measured in the same run, in alternating rounds so that drift and
@@ -58,7 +58,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from fastapi import FastAPI, Request, Response  # noqa: E402
 
-from control_plane.demo_models import INPUT_NAME, OUTPUT_NAME, write_demo_models  # noqa: E402
+from edgefleet.control_plane.devtools.demo_models import INPUT_NAME, OUTPUT_NAME, write_demo_models  # noqa: E402
 
 ONNX_MODEL = "classifier-onnx"
 TFLITE_MODEL = "classifier-tflite"
@@ -95,8 +95,8 @@ def time_calls(fn: Callable[[], object], n: int) -> list[int]:
 
 def load_host(models: dict[str, Path]) -> Any:
     """A ModelHost serving both demo models, as the agent loads them (default RuntimeOptions)."""
-    from agent.model_host import ModelHost
-    from agent.runtimes import load_model
+    from edgefleet.agent.serving.host import ModelHost
+    from edgefleet.shared.runtimes import load_model
 
     host = ModelHost()
     host.swap(ONNX_MODEL, load_model("onnx", models["onnx"], name=ONNX_MODEL, version=VERSION))
@@ -218,8 +218,8 @@ def serve(kind: str, port: int, models_dir: Path) -> None:
     if kind == "handwritten":
         app = handwritten_app(models_dir)
     else:
-        from agent.config import BatchingConfig
-        from agent.inference_api import create_inference_app
+        from edgefleet.agent.config import BatchingConfig
+        from edgefleet.agent.serving.v2_api import create_inference_app
 
         models = {"onnx": models_dir / "classifier.onnx", "tflite": models_dir / "classifier.tflite"}
         batching = BatchingConfig(enabled=True) if kind == "agent-batched" else None

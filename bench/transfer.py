@@ -46,19 +46,19 @@ if str(ROOT) not in sys.path:  # `python bench/transfer.py` puts bench/ first, n
 import httpx  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 
-from agent.bandwidth import BandwidthLimiter  # noqa: E402
-from agent.config import BrokerConfig, TransferConfig  # noqa: E402
-from agent.http_fetch import HttpFetcher  # noqa: E402
-from agent.mqtt_link import MqttLink  # noqa: E402
-from agent.transfer import ChunkFetcher  # noqa: E402
-from control_plane.demo_models import build_onnx_mlp, make_mlp_weights  # noqa: E402
-from control_plane.embedded_broker import BrokerSettings, find_mosquitto, start_mosquitto  # noqa: E402
-from control_plane.local_fleet import LocalFleet  # noqa: E402
-from shared.bundle import verify_bundle  # noqa: E402
-from shared.chunks import HEADER_BYTES, ChunkRequest, chunk_count  # noqa: E402
-from shared.mqtt import make_client  # noqa: E402
-from shared.signing import key_id, public_key_from_hex  # noqa: E402
-from shared.topics import Leaf  # noqa: E402
+from edgefleet.agent.config import BrokerConfig, TransferConfig  # noqa: E402
+from edgefleet.agent.link import MqttLink  # noqa: E402
+from edgefleet.agent.transfer.bandwidth import BandwidthLimiter  # noqa: E402
+from edgefleet.agent.transfer.http import HttpFetcher  # noqa: E402
+from edgefleet.agent.transfer.mqtt_chunks import ChunkFetcher  # noqa: E402
+from edgefleet.control_plane.broker.embedded import BrokerSettings, find_mosquitto, start_mosquitto  # noqa: E402
+from edgefleet.control_plane.devtools.demo_models import build_onnx_mlp, make_mlp_weights  # noqa: E402
+from edgefleet.control_plane.devtools.local_fleet import LocalFleet  # noqa: E402
+from edgefleet.shared.bundle.format import verify_bundle  # noqa: E402
+from edgefleet.shared.link.paho import make_client  # noqa: E402
+from edgefleet.shared.trust.signing import key_id, public_key_from_hex  # noqa: E402
+from edgefleet.shared.wire.chunks import HEADER_BYTES, ChunkRequest, chunk_count  # noqa: E402
+from edgefleet.shared.wire.topics import Leaf  # noqa: E402
 
 DEVICE = "bench-dev"
 MIB = 1024 * 1024

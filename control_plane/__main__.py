@@ -1,5 +1,5 @@
-"""``python -m control_plane`` = ``edgefleet``."""
+"""``python -m edgefleet.control_plane`` = ``edgefleet``."""
 
-from control_plane.cli import main
+from edgefleet.control_plane.cli.main import main
 
 main()

@@ -26,19 +26,24 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from control_plane.api import edgefleet_error_handler, health_router, router, validation_error_handler
-from control_plane.api_trust import router as trust_router
-from control_plane.bundle_store import BundleStore
-from control_plane.db import create_db_engine, create_tables
-from control_plane.deps import ControlPlane
-from control_plane.desired_states import DesiredStateService
-from control_plane.ingest import Ingestor
-from control_plane.keyring_service import KeyringService
-from control_plane.keys import load_or_create_keys
-from control_plane.mqtt_bridge import BrokerConnection, MqttBridge
-from control_plane.settings import ServerSettings
-from shared.chunks import HEADER_BYTES
-from shared.errors import EdgefleetError
+from edgefleet.control_plane.api.deps import ControlPlane
+from edgefleet.control_plane.api.routes.core import (
+    edgefleet_error_handler,
+    health_router,
+    router,
+    validation_error_handler,
+)
+from edgefleet.control_plane.api.routes.trust import router as trust_router
+from edgefleet.control_plane.bundles.store import BundleStore
+from edgefleet.control_plane.db.engine import create_db_engine, create_tables
+from edgefleet.control_plane.messaging.bridge import BrokerConnection, MqttBridge
+from edgefleet.control_plane.messaging.ingest import Ingestor
+from edgefleet.control_plane.services.desired_states import DesiredStateService
+from edgefleet.control_plane.services.keyring import KeyringService
+from edgefleet.control_plane.services.keys import load_or_create_keys
+from edgefleet.control_plane.settings import ServerSettings
+from edgefleet.shared.errors import EdgefleetError
+from edgefleet.shared.wire.chunks import HEADER_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +190,7 @@ def _start_broker(settings: ServerSettings, stack: ExitStack) -> tuple[str, int,
     if settings.broker_host is not None:
         return settings.broker_host, settings.broker_port or DEFAULT_BROKER_PORT, "external"
     # Imported here: a control plane on an external broker never needs it.
-    from control_plane.embedded_broker import BrokerSettings, start_embedded_broker
+    from edgefleet.control_plane.broker.embedded import BrokerSettings, start_embedded_broker
 
     broker = start_embedded_broker(
         BrokerSettings(

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from shared.errors import EdgefleetError, NotFoundError, TransferError
+from edgefleet.shared.errors import EdgefleetError, NotFoundError, TransferError
 
 DEFAULT_API_URL = "http://127.0.0.1:8700"
 

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from shared.errors import (
+from edgefleet.shared.errors import (
     BundleError,
     ConfigError,
     EdgefleetError,

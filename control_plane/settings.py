@@ -14,8 +14,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError
-from shared.strict import DEVICE_ID_RE
+from edgefleet.shared.errors import ConfigError
+from edgefleet.shared.wire.strict import DEVICE_ID_RE
 
 MIB = 1024 * 1024
 ENV_PREFIX = "EDGEFLEET_"

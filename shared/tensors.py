@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import MessageError
+from edgefleet.shared.errors import MessageError
 
 # Open Inference Protocol datatype name -> numpy dtype.
 V2_TO_NUMPY: dict[str, np.dtype[Any]] = {

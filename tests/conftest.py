@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.embedded_broker import BrokerSettings, MosquittoBroker, find_mosquitto, start_mosquitto
+from edgefleet.control_plane.broker.embedded import BrokerSettings, MosquittoBroker, find_mosquitto, start_mosquitto
 
 _MISSING_MOSQUITTO = (
     "the mosquitto binary is required by these tests and was not found on PATH or in /usr/sbin; "

@@ -29,7 +29,16 @@ def test_demo_passes_and_leaves_no_process_behind(tmp_path: Path, broker: str) -
     """Both embedded brokers: Mosquitto when installed, amqtt on a machine without it."""
     workdir = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "control_plane", "demo", "--workdir", str(workdir), "--embedded-broker", broker],
+        [
+            sys.executable,
+            "-m",
+            "edgefleet.control_plane",
+            "demo",
+            "--workdir",
+            str(workdir),
+            "--embedded-broker",
+            broker,
+        ],
         capture_output=True,
         text=True,
         timeout=240,

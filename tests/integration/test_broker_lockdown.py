@@ -29,8 +29,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from typer.testing import CliRunner
 
-from agent.config import BrokerConfig
-from control_plane.broker_config import (
+from edgefleet.agent.config import BrokerConfig
+from edgefleet.control_plane.broker.config import (
     CONTROL_PLANE_USER,
     BrokerPaths,
     BrokerSpec,
@@ -43,15 +43,21 @@ from control_plane.broker_config import (
     new_certificate_authority,
     write_broker_config,
 )
-from control_plane.cli_broker import app as broker_cli
-from control_plane.client import EdgefleetClient
-from control_plane.demo import direct_predict, v2_infer
-from control_plane.demo_models import make_mlp_weights, write_demo_models
-from control_plane.embedded_broker import BrokerSettings, MosquittoBroker, find_mosquitto, free_port, start_mosquitto
-from control_plane.local_fleet import LocalFleet
-from shared.files import atomic_write_bytes
-from shared.mqtt import make_client
-from shared.topics import DEVICE_PUBLISHES, KEYRING_ROOT, Leaf, control_plane_subscriptions, device_topic
+from edgefleet.control_plane.broker.embedded import (
+    BrokerSettings,
+    MosquittoBroker,
+    find_mosquitto,
+    free_port,
+    start_mosquitto,
+)
+from edgefleet.control_plane.cli.broker import app as broker_cli
+from edgefleet.control_plane.client import EdgefleetClient
+from edgefleet.control_plane.devtools.demo import direct_predict, v2_infer
+from edgefleet.control_plane.devtools.demo_models import make_mlp_weights, write_demo_models
+from edgefleet.control_plane.devtools.local_fleet import LocalFleet
+from edgefleet.shared.files import atomic_write_bytes
+from edgefleet.shared.link.paho import make_client
+from edgefleet.shared.wire.topics import DEVICE_PUBLISHES, KEYRING_ROOT, Leaf, control_plane_subscriptions, device_topic
 
 DEVICE_A = "dev-a"
 DEVICE_B = "dev-b"

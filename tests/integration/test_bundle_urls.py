@@ -9,12 +9,12 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from control_plane.demo_models import write_demo_models
-from control_plane.embedded_broker import MosquittoBroker
-from control_plane.local_fleet import LocalFleet
-from shared.messages import DESIRED_PAYLOAD_TYPE, DesiredState
-from shared.signing import stored_envelope_payload
-from shared.topics import Leaf, device_topic
+from edgefleet.control_plane.broker.embedded import MosquittoBroker
+from edgefleet.control_plane.devtools.demo_models import write_demo_models
+from edgefleet.control_plane.devtools.local_fleet import LocalFleet
+from edgefleet.shared.trust.signing import stored_envelope_payload
+from edgefleet.shared.wire.messages import DESIRED_PAYLOAD_TYPE, DesiredState
+from edgefleet.shared.wire.topics import Leaf, device_topic
 
 DEVICE = "url-dev"
 

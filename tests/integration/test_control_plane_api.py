@@ -30,16 +30,23 @@ from fastapi import FastAPI
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlmodel import SQLModel
 
-from control_plane.app import create_app
-from control_plane.db import create_db_engine
-from control_plane.demo_models import build_onnx_mlp, make_mlp_weights
-from control_plane.embedded_broker import MosquittoBroker, free_port
-from control_plane.settings import ServerSettings
-from shared.bundle import sha256_file, verify_bundle
-from shared.chunks import Chunk, ChunkRequest, chunk_count, decode_chunk_message
-from shared.messages import DeploymentEvent, DeviceStatus, ModelReport, Outcome, ReportedState, verify_desired_state
-from shared.signing import key_id, public_key_from_hex
-from shared.topics import Leaf, device_topic
+from edgefleet.control_plane.app import create_app
+from edgefleet.control_plane.broker.embedded import MosquittoBroker, free_port
+from edgefleet.control_plane.db.engine import create_db_engine
+from edgefleet.control_plane.devtools.demo_models import build_onnx_mlp, make_mlp_weights
+from edgefleet.control_plane.settings import ServerSettings
+from edgefleet.shared.bundle.format import sha256_file, verify_bundle
+from edgefleet.shared.trust.signing import key_id, public_key_from_hex
+from edgefleet.shared.wire.chunks import Chunk, ChunkRequest, chunk_count, decode_chunk_message
+from edgefleet.shared.wire.messages import (
+    DeploymentEvent,
+    DeviceStatus,
+    ModelReport,
+    Outcome,
+    ReportedState,
+    verify_desired_state,
+)
+from edgefleet.shared.wire.topics import Leaf, device_topic
 
 UPLOAD_LIMIT = 256 * 1024  # bytes: above the demo MLP (~30 KB), far below a real limit
 CHUNK_SIZE = 4096

@@ -34,15 +34,15 @@ import paho.mqtt.client as mqtt
 import pytest
 from tcp_proxy import TcpProxy
 
-from agent.config import TransferConfig
-from agent.state_store import STATE_FILE, AgentState
-from control_plane.client import EdgefleetClient
-from control_plane.demo import direct_predict, v2_infer
-from control_plane.demo_models import INPUT_NAME, OUTPUT_NAME, build_onnx_mlp, make_mlp_weights
-from control_plane.embedded_broker import MosquittoBroker
-from control_plane.local_fleet import AgentProcess, LocalFleet
-from shared.chunks import ChunkRequest, chunk_count
-from shared.topics import ROOT, Leaf, parse_device_topic
+from edgefleet.agent.config import TransferConfig
+from edgefleet.agent.deployment.state_store import STATE_FILE, AgentState
+from edgefleet.control_plane.broker.embedded import MosquittoBroker
+from edgefleet.control_plane.client import EdgefleetClient
+from edgefleet.control_plane.devtools.demo import direct_predict, v2_infer
+from edgefleet.control_plane.devtools.demo_models import INPUT_NAME, OUTPUT_NAME, build_onnx_mlp, make_mlp_weights
+from edgefleet.control_plane.devtools.local_fleet import AgentProcess, LocalFleet
+from edgefleet.shared.wire.chunks import ChunkRequest, chunk_count
+from edgefleet.shared.wire.topics import ROOT, Leaf, parse_device_topic
 
 N_INPUTS = 32
 KILL_STATES = ("downloading", "verifying", "staging", "activating", "health_checking", "rolling_back")

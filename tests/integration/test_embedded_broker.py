@@ -23,7 +23,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from control_plane.embedded_broker import (
+from edgefleet.control_plane.broker.embedded import (
     BrokerHandle,
     BrokerSettings,
     MosquittoBroker,
@@ -33,7 +33,7 @@ from control_plane.embedded_broker import (
     start_embedded_broker,
     start_mosquitto,
 )
-from shared.errors import BrokerError, ConfigError
+from edgefleet.shared.errors import BrokerError, ConfigError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -288,7 +288,7 @@ def test_broker_dies_when_its_parent_is_sigkilled(starter: str, tmp_path: Path) 
     script = textwrap.dedent(
         f"""
         import sys, time
-        from control_plane.embedded_broker import BrokerSettings, {starter}
+        from edgefleet.control_plane.broker.embedded import BrokerSettings, {starter}
         handle = {starter}(BrokerSettings(data_dir={str(tmp_path)!r}))
         print(handle.pid, flush=True)
         time.sleep(60)

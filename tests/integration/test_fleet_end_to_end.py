@@ -18,12 +18,12 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from control_plane.client import EdgefleetClient
-from control_plane.demo import direct_predict, v2_infer
-from control_plane.demo_models import make_mlp_weights, write_demo_models
-from control_plane.embedded_broker import MosquittoBroker
-from control_plane.local_fleet import LocalFleet
-from shared.topics import Leaf, device_topic
+from edgefleet.control_plane.broker.embedded import MosquittoBroker
+from edgefleet.control_plane.client import EdgefleetClient
+from edgefleet.control_plane.devtools.demo import direct_predict, v2_infer
+from edgefleet.control_plane.devtools.demo_models import make_mlp_weights, write_demo_models
+from edgefleet.control_plane.devtools.local_fleet import LocalFleet
+from edgefleet.shared.wire.topics import Leaf, device_topic
 
 DEVICES = ["edge-a", "edge-b"]
 MODELS = {"onnx": "mlp", "tflite": "mlp-lite"}

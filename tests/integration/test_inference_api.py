@@ -23,10 +23,10 @@ from ai_edge_litert.interpreter import Interpreter
 from fastapi import FastAPI
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.config import BatchingConfig
-from agent.inference_api import create_inference_app, decode_infer_request, encode_infer_response
-from agent.runtimes import LoadedModel, load_model
-from shared.errors import MessageError
+from edgefleet.agent.config import BatchingConfig
+from edgefleet.agent.serving.v2_api import create_inference_app, decode_infer_request, encode_infer_response
+from edgefleet.shared.errors import MessageError
+from edgefleet.shared.runtimes import LoadedModel, load_model
 
 WEIGHTS = np.array(
     [[0.5, -1.0, 0.25], [1.5, 0.0, -0.5], [-0.75, 2.0, 1.0], [0.1, 0.3, -1.2]],
@@ -97,7 +97,7 @@ class DictRegistry:
 
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from control_plane.demo_models import build_tflite_mlp, make_mlp_weights
+    from edgefleet.control_plane.devtools.demo_models import build_tflite_mlp, make_mlp_weights
 
     directory = tmp_path_factory.mktemp("models")
     paths = {"onnx": directory / "tiny.onnx", "tflite": directory / "mlp.tflite"}

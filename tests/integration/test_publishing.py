@@ -10,15 +10,15 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from control_plane.bundle_store import BundleStore
-from control_plane.db import create_db_engine, create_tables
-from control_plane.demo_models import MLPWeights, build_onnx_mlp, build_tflite_mlp, make_mlp_weights
-from control_plane.errors import ConflictError
-from control_plane.keys import ControlPlaneKeys, load_or_create_keys
-from control_plane.publishing import infer_runtime, publish_model
-from control_plane.tables import ModelVersion
-from shared.bundle import sha256_file, verify_bundle
-from shared.errors import MessageError, RuntimeLoadError
+from edgefleet.control_plane.bundles.store import BundleStore
+from edgefleet.control_plane.db.engine import create_db_engine, create_tables
+from edgefleet.control_plane.db.tables import ModelVersion
+from edgefleet.control_plane.devtools.demo_models import MLPWeights, build_onnx_mlp, build_tflite_mlp, make_mlp_weights
+from edgefleet.control_plane.errors import ConflictError
+from edgefleet.control_plane.services.keys import ControlPlaneKeys, load_or_create_keys
+from edgefleet.control_plane.services.publishing import infer_runtime, publish_model
+from edgefleet.shared.bundle.format import sha256_file, verify_bundle
+from edgefleet.shared.errors import MessageError, RuntimeLoadError
 
 
 @pytest.fixture

@@ -22,11 +22,11 @@ import httpx
 import numpy as np
 import pytest
 
-from control_plane.client import EdgefleetClient
-from control_plane.demo import direct_predict, v2_infer
-from control_plane.demo_models import build_onnx_mlp, make_mlp_weights, write_demo_models
-from control_plane.embedded_broker import MosquittoBroker
-from control_plane.local_fleet import AgentProcess, LocalFleet, spawn
+from edgefleet.control_plane.broker.embedded import MosquittoBroker
+from edgefleet.control_plane.client import EdgefleetClient
+from edgefleet.control_plane.devtools.demo import direct_predict, v2_infer
+from edgefleet.control_plane.devtools.demo_models import build_onnx_mlp, make_mlp_weights, write_demo_models
+from edgefleet.control_plane.devtools.local_fleet import AgentProcess, LocalFleet, spawn
 
 DEVICE = "shadow-a"
 MODEL = "mlp"
@@ -55,7 +55,7 @@ def _start_agent(fleet: LocalFleet, device_id: str) -> AgentProcess:
     path.write_text(text.replace("heartbeat_interval_s = 5.0", f"heartbeat_interval_s = {HEARTBEAT_S}"))
     process = spawn(
         f"agent-{device_id}",
-        [sys.executable, "-m", "agent", "run", "--config", str(path)],
+        [sys.executable, "-m", "edgefleet.agent", "run", "--config", str(path)],
         fleet.workdir / "logs" / f"agent-{device_id}.log",
     )
     agent = AgentProcess(device_id=device_id, process=process, config_path=path, api_url=f"http://127.0.0.1:{port}")
@@ -263,9 +263,25 @@ def test_removing_the_shadow_unloads_it_and_drops_it_from_the_report(env: Fleet)
 
 def test_deploying_the_shadowed_version_promotes_it_and_drops_the_shadow(env: Fleet) -> None:
     cli = subprocess.run(
-        [sys.executable, "-m", "control_plane", "shadow", MODEL, "2.0.0", "--device", DEVICE, "--sample-rate", "1",
-         "--api-url", env.fleet.api_url, "--json"],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "edgefleet.control_plane",
+            "shadow",
+            MODEL,
+            "2.0.0",
+            "--device",
+            DEVICE,
+            "--sample-rate",
+            "1",
+            "--api-url",
+            env.fleet.api_url,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert cli.returncode == 0, cli.stdout + cli.stderr
     rows = json.loads(cli.stdout)

@@ -23,13 +23,13 @@ import httpx
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent.config import TransferConfig
-from control_plane.client import EdgefleetClient
-from control_plane.demo_models import build_onnx_mlp, make_mlp_weights
-from control_plane.embedded_broker import MosquittoBroker, free_port
-from control_plane.local_fleet import AgentProcess, LocalFleet
-from shared.chunks import ChunkRequest, chunk_count
-from shared.topics import Leaf, device_topic
+from edgefleet.agent.config import TransferConfig
+from edgefleet.control_plane.broker.embedded import MosquittoBroker, free_port
+from edgefleet.control_plane.client import EdgefleetClient
+from edgefleet.control_plane.devtools.demo_models import build_onnx_mlp, make_mlp_weights
+from edgefleet.control_plane.devtools.local_fleet import AgentProcess, LocalFleet
+from edgefleet.shared.wire.chunks import ChunkRequest, chunk_count
+from edgefleet.shared.wire.topics import Leaf, device_topic
 
 CHUNK = 64 * 1024
 WINDOW = 8  # small, so that "at most one window again" is far below "all again from zero"

@@ -22,11 +22,11 @@ import uvicorn
 from ai_edge_litert.interpreter import Interpreter
 from tritonclient.utils import InferenceServerException
 
-from agent.config import BatchingConfig
-from agent.inference_api import create_inference_app
-from agent.model_host import ModelHost
-from agent.runtimes import load_model
-from control_plane.demo_models import INPUT_NAME, OUTPUT_NAME, write_demo_models
+from edgefleet.agent.config import BatchingConfig
+from edgefleet.agent.serving.host import ModelHost
+from edgefleet.agent.serving.v2_api import create_inference_app
+from edgefleet.control_plane.devtools.demo_models import INPUT_NAME, OUTPUT_NAME, write_demo_models
+from edgefleet.shared.runtimes import load_model
 
 ONNX = ("classifier-onnx", "1.0.0")
 TFLITE = ("classifier-tflite", "2.0.0")

@@ -19,12 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from control_plane.client import EdgefleetClient
-from control_plane.demo_models import write_demo_models
-from control_plane.embedded_broker import MosquittoBroker
-from control_plane.local_fleet import LocalFleet
-from shared.errors import EdgefleetError
-from shared.signing import SigningKey
+from edgefleet.control_plane.broker.embedded import MosquittoBroker
+from edgefleet.control_plane.client import EdgefleetClient
+from edgefleet.control_plane.devtools.demo_models import write_demo_models
+from edgefleet.control_plane.devtools.local_fleet import LocalFleet
+from edgefleet.shared.errors import EdgefleetError
+from edgefleet.shared.trust.signing import SigningKey
 
 MODEL = "trusted"
 
@@ -69,7 +69,7 @@ def _push_with_key(
 ) -> subprocess.CompletedProcess[str]:
     command = ["models", "push", str(model_file), "--name", MODEL, "--version", version, "--key", str(key)]
     return subprocess.run(
-        [sys.executable, "-m", "control_plane", *command, "--api-url", fleet.api_url, "--json", *extra],
+        [sys.executable, "-m", "edgefleet.control_plane", *command, "--api-url", fleet.api_url, "--json", *extra],
         capture_output=True,
         text=True,
         timeout=60,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import (
+from edgefleet.agent.config import (
     AgentConfig,
     ApiConfig,
     BrokerConfig,
@@ -20,8 +20,15 @@ from agent.config import (
     TrustConfig,
     render_config,
 )
-from agent.state_store import STATE_FILE, STATE_SCHEMA, ActiveModel, AgentState, InProgress, StateStore
-from shared.errors import ConfigError
+from edgefleet.agent.deployment.state_store import (
+    STATE_FILE,
+    STATE_SCHEMA,
+    ActiveModel,
+    AgentState,
+    InProgress,
+    StateStore,
+)
+from edgefleet.shared.errors import ConfigError
 
 KEY = "ab" * 32
 

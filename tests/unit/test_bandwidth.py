@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from agent.bandwidth import BURST_S, BandwidthLimiter, TokenBucket
+from edgefleet.agent.transfer.bandwidth import BURST_S, BandwidthLimiter, TokenBucket
 
 
 class FakeClock:

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.batching import BatcherPool, DynamicBatcher, is_batchable
-from agent.config import AgentConfig, BatchingConfig
-from agent.runtimes import LoadedModel
-from shared.errors import ConfigError, InferenceError
-from shared.tensors import TensorSpec
+from edgefleet.agent.config import AgentConfig, BatchingConfig
+from edgefleet.agent.serving.batching import BatcherPool, DynamicBatcher, is_batchable
+from edgefleet.shared.errors import ConfigError, InferenceError
+from edgefleet.shared.runtimes import LoadedModel
+from edgefleet.shared.tensors import TensorSpec
 
 WAIT_S = 10.0  # upper bound for anything that should happen at once; never reached when it works
 

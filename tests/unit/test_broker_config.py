@@ -18,8 +18,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from agent.config import AgentConfig, render_config
-from control_plane.broker_config import (
+from edgefleet.agent.config import AgentConfig, render_config
+from edgefleet.control_plane.broker.config import (
     CONTROL_PLANE_USER,
     BrokerPaths,
     BrokerSpec,
@@ -41,11 +41,11 @@ from control_plane.broker_config import (
     verify_password_hash_format,
     write_broker_config,
 )
-from control_plane.cli_broker import app as broker_cli
-from control_plane.settings import ServerSettings
-from shared.errors import ConfigError
-from shared.mqtt import make_client
-from shared.topics import DEVICE_PUBLISHES, DEVICE_SUBSCRIBES, KEYRING_ROOT, Leaf
+from edgefleet.control_plane.cli.broker import app as broker_cli
+from edgefleet.control_plane.settings import ServerSettings
+from edgefleet.shared.errors import ConfigError
+from edgefleet.shared.link.paho import make_client
+from edgefleet.shared.wire.topics import DEVICE_PUBLISHES, DEVICE_SUBSCRIBES, KEYRING_ROOT, Leaf
 
 NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
 
@@ -450,8 +450,8 @@ def test_cli_config_and_add_device(tmp_path: Path) -> None:
 
 
 def test_cli_from_db_uses_the_enrollment_hashes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from control_plane.db import create_db_engine, create_tables
-    from control_plane.tables import Device
+    from edgefleet.control_plane.db.engine import create_db_engine, create_tables
+    from edgefleet.control_plane.db.tables import Device
 
     for name in list(os.environ):
         if name.startswith("EDGEFLEET_"):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from shared.bundle import (
+from edgefleet.shared.bundle.format import (
     ENVELOPE_MEMBER,
     FILES_PREFIX,
     BundleLimits,
@@ -27,11 +27,17 @@ from shared.bundle import (
     sha256_file,
     verify_bundle,
 )
-from shared.errors import BundleError, BundleIntegrityError, EdgefleetError, SignatureError, UnsafeArchiveError
-from shared.manifest import MANIFEST_PAYLOAD_TYPE, Manifest
-from shared.messages import DESIRED_PAYLOAD_TYPE
-from shared.signing import SigningKey, seal_envelope
-from shared.tensors import TensorSpec
+from edgefleet.shared.bundle.manifest import MANIFEST_PAYLOAD_TYPE, Manifest
+from edgefleet.shared.errors import (
+    BundleError,
+    BundleIntegrityError,
+    EdgefleetError,
+    SignatureError,
+    UnsafeArchiveError,
+)
+from edgefleet.shared.tensors import TensorSpec
+from edgefleet.shared.trust.signing import SigningKey, seal_envelope
+from edgefleet.shared.wire.messages import DESIRED_PAYLOAD_TYPE
 
 # Random, so each file's bytes occur exactly once in the archive (the flip-a-byte test relies on it).
 CONTENT = {

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.bundle_store import BundleStore, normalize_digest
-from shared.errors import MessageError, NotFoundError
+from edgefleet.control_plane.bundles.store import BundleStore, normalize_digest
+from edgefleet.shared.errors import MessageError, NotFoundError
 
 CHUNK = 1024
 

@@ -17,13 +17,13 @@ import pytest
 from sqlalchemy import Engine, event
 from sqlmodel import Session, select
 
-from control_plane import bundle_store
-from control_plane.bundle_store import BundleStore
-from control_plane.db import create_db_engine, create_tables
-from control_plane.ingest import CHUNK_GRANT_TTL_S, ChunkErrorCode, Ingestor
-from control_plane.tables import Assignment, Device, ModelVersion
-from shared.chunks import Chunk, ChunkError, ChunkRequest, chunk_count, decode_chunk_message
-from shared.topics import Leaf, device_topic
+from edgefleet.control_plane.bundles import store as bundle_store
+from edgefleet.control_plane.bundles.store import BundleStore
+from edgefleet.control_plane.db.engine import create_db_engine, create_tables
+from edgefleet.control_plane.db.tables import Assignment, Device, ModelVersion
+from edgefleet.control_plane.messaging.ingest import CHUNK_GRANT_TTL_S, ChunkErrorCode, Ingestor
+from edgefleet.shared.wire.chunks import Chunk, ChunkError, ChunkRequest, chunk_count, decode_chunk_message
+from edgefleet.shared.wire.topics import Leaf, device_topic
 
 CHUNK = 4096
 WINDOW = 8  # indices per request, as an agent tops up half of a 16-chunk window

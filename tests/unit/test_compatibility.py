@@ -6,11 +6,11 @@ from dataclasses import replace
 
 import pytest
 
-from agent.compatibility import check_installable, preferred_providers, raised_floor
-from shared.errors import DowngradeError, IncompatibleBundleError
-from shared.manifest import Compatibility, FileEntry, Manifest
-from shared.messages import ModelDirective
-from shared.tensors import TensorSpec
+from edgefleet.agent.deployment.compatibility import check_installable, preferred_providers, raised_floor
+from edgefleet.shared.bundle.manifest import Compatibility, FileEntry, Manifest
+from edgefleet.shared.errors import DowngradeError, IncompatibleBundleError
+from edgefleet.shared.tensors import TensorSpec
+from edgefleet.shared.wire.messages import ModelDirective
 
 DIGEST = "sha256:" + "ab" * 32
 MANIFEST = Manifest(

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.settings import MIB, ServerSettings
-from shared.errors import ConfigError
+from edgefleet.control_plane.settings import MIB, ServerSettings
+from edgefleet.shared.errors import ConfigError
 
 
 def test_defaults() -> None:

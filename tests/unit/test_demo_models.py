@@ -9,7 +9,7 @@ import pytest
 import tflite
 from ai_edge_litert import interpreter as litert_interpreter
 
-from control_plane.demo_models import (
+from edgefleet.control_plane.devtools.demo_models import (
     ONNX_IR_VERSION,
     ONNX_OPSET,
     MLPWeights,

@@ -12,7 +12,7 @@ from collections import deque
 
 import pytest
 
-from agent.deployment import (
+from edgefleet.agent.deployment.machine import (
     RECOVERY,
     TRANSITIONS,
     Event,
@@ -22,8 +22,8 @@ from agent.deployment import (
     Step,
     advance,
 )
-from shared.errors import EdgefleetError
-from shared.messages import Outcome
+from edgefleet.shared.errors import EdgefleetError
+from edgefleet.shared.wire.messages import Outcome
 
 BEFORE_ACTIVATION = (State.PENDING, State.DOWNLOADING, State.VERIFYING, State.STAGING)
 AFTER_ACTIVATION = (State.ACTIVATING, State.HEALTH_CHECKING)

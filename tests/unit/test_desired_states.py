@@ -15,13 +15,13 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session, SQLModel, select
 
-from control_plane.db import create_db_engine, create_tables
-from control_plane.desired_states import DesiredStateService, desired_state_for, is_past_half_life
-from control_plane.tables import Assignment, Deployment, DeploymentStatus, Device, ModelVersion
-from shared.errors import MessageError, NotFoundError, SignatureError
-from shared.messages import MAX_MODELS, DesiredState, ModelDirective, verify_desired_state
-from shared.signing import SigningKey
-from shared.topics import Leaf, device_topic
+from edgefleet.control_plane.db.engine import create_db_engine, create_tables
+from edgefleet.control_plane.db.tables import Assignment, Deployment, DeploymentStatus, Device, ModelVersion
+from edgefleet.control_plane.services.desired_states import DesiredStateService, desired_state_for, is_past_half_life
+from edgefleet.shared.errors import MessageError, NotFoundError, SignatureError
+from edgefleet.shared.trust.signing import SigningKey
+from edgefleet.shared.wire.messages import MAX_MODELS, DesiredState, ModelDirective, verify_desired_state
+from edgefleet.shared.wire.topics import Leaf, device_topic
 
 TTL_S = 1000.0
 T0 = 1_800_000_000.0

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, TrustConfig
-from agent.model_host import ModelHost
-from agent.reconciler import Reconciler
-from agent.state_store import StateStore
-from agent.transfer import ChunkFetcher
-from shared.manifest import MANIFEST_PAYLOAD_TYPE
-from shared.messages import DesiredState, RejectionEvent, decode_event
-from shared.signing import SigningKey, seal_envelope
-from shared.topics import Leaf
+from edgefleet.agent.config import AgentConfig, TrustConfig
+from edgefleet.agent.deployment.reconciler import Reconciler
+from edgefleet.agent.deployment.state_store import StateStore
+from edgefleet.agent.serving.host import ModelHost
+from edgefleet.agent.transfer.mqtt_chunks import ChunkFetcher
+from edgefleet.shared.bundle.manifest import MANIFEST_PAYLOAD_TYPE
+from edgefleet.shared.trust.signing import SigningKey, seal_envelope
+from edgefleet.shared.wire.messages import DesiredState, RejectionEvent, decode_event
+from edgefleet.shared.wire.topics import Leaf
 
 ONLINE = SigningKey.generate()
 PUBLISHER = SigningKey.generate()

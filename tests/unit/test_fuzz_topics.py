@@ -17,20 +17,20 @@ from hypothesis import strategies as st
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from agent.config import AgentConfig, TransferConfig, TrustConfig
-from agent.model_host import ModelHost
-from agent.reconciler import Reconciler
-from agent.state_store import StateStore
-from agent.transfer import ChunkFetcher
-from control_plane.bundle_store import BundleStore
-from control_plane.db import create_db_engine, create_tables
-from control_plane.ingest import Ingestor
-from control_plane.tables import Deployment, Device, DeviceEvent
-from shared.chunks import Chunk
-from shared.errors import EdgefleetError
-from shared.messages import DesiredState, ModelDirective, RejectionEvent, decode_event
-from shared.signing import SigningKey
-from shared.topics import DEVICE_PUBLISHES, Leaf, device_topic
+from edgefleet.agent.config import AgentConfig, TransferConfig, TrustConfig
+from edgefleet.agent.deployment.reconciler import Reconciler
+from edgefleet.agent.deployment.state_store import StateStore
+from edgefleet.agent.serving.host import ModelHost
+from edgefleet.agent.transfer.mqtt_chunks import ChunkFetcher
+from edgefleet.control_plane.bundles.store import BundleStore
+from edgefleet.control_plane.db.engine import create_db_engine, create_tables
+from edgefleet.control_plane.db.tables import Deployment, Device, DeviceEvent
+from edgefleet.control_plane.messaging.ingest import Ingestor
+from edgefleet.shared.errors import EdgefleetError
+from edgefleet.shared.trust.signing import SigningKey
+from edgefleet.shared.wire.chunks import Chunk
+from edgefleet.shared.wire.messages import DesiredState, ModelDirective, RejectionEvent, decode_event
+from edgefleet.shared.wire.topics import DEVICE_PUBLISHES, Leaf, device_topic
 
 ONLINE = SigningKey.generate()
 PUBLISHER = SigningKey.generate()

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.health_check import run_health_check, sample_inputs
-from agent.runtimes import load_model
-from control_plane.demo_models import write_demo_models
-from control_plane.publishing import HEALTH_INPUTS_FILE
-from shared.bundle import build_bundle, extract_bundle, make_manifest
-from shared.errors import InferenceError
-from shared.signing import SigningKey
+from edgefleet.agent.deployment.health_check import run_health_check, sample_inputs
+from edgefleet.control_plane.devtools.demo_models import write_demo_models
+from edgefleet.control_plane.services.publishing import HEALTH_INPUTS_FILE
+from edgefleet.shared.bundle.format import build_bundle, extract_bundle, make_manifest
+from edgefleet.shared.errors import InferenceError
+from edgefleet.shared.runtimes import load_model
+from edgefleet.shared.trust.signing import SigningKey
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,13 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from agent import http_fetch
-from agent.config import TransferConfig
-from agent.http_fetch import HttpFetcher
-from agent.transfer import Cancelled, ChunkFetcher
-from control_plane.embedded_broker import free_port
-from shared.chunks import Chunk, ChunkRequest
-from shared.errors import BundleIntegrityError, ConfigError, TransferError
+from edgefleet.agent.config import TransferConfig
+from edgefleet.agent.transfer import http as http_fetch
+from edgefleet.agent.transfer.http import HttpFetcher
+from edgefleet.agent.transfer.mqtt_chunks import Cancelled, ChunkFetcher
+from edgefleet.control_plane.broker.embedded import free_port
+from edgefleet.shared.errors import BundleIntegrityError, ConfigError, TransferError
+from edgefleet.shared.wire.chunks import Chunk, ChunkRequest
 
 CHUNK = 4096
 BLOB = random.Random(99).randbytes(300_000)  # 74 chunks, the last one 992 bytes

@@ -17,14 +17,21 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session, SQLModel, select
 
-from control_plane.bundle_store import BundleStore
-from control_plane.db import create_db_engine, create_tables
-from control_plane.ingest import ChunkErrorCode, Ingestor
-from control_plane.tables import Assignment, Deployment, DeploymentStatus, Device, DeviceEvent, ModelVersion
-from shared.chunks import Chunk, ChunkError, ChunkRequest, chunk_count, decode_chunk_message
-from shared.errors import MessageError
-from shared.messages import DeploymentEvent, DeviceStatus, ModelReport, Outcome, ReportedState
-from shared.topics import Leaf, device_topic
+from edgefleet.control_plane.bundles.store import BundleStore
+from edgefleet.control_plane.db.engine import create_db_engine, create_tables
+from edgefleet.control_plane.db.tables import (
+    Assignment,
+    Deployment,
+    DeploymentStatus,
+    Device,
+    DeviceEvent,
+    ModelVersion,
+)
+from edgefleet.control_plane.messaging.ingest import ChunkErrorCode, Ingestor
+from edgefleet.shared.errors import MessageError
+from edgefleet.shared.wire.chunks import Chunk, ChunkError, ChunkRequest, chunk_count, decode_chunk_message
+from edgefleet.shared.wire.messages import DeploymentEvent, DeviceStatus, ModelReport, Outcome, ReportedState
+from edgefleet.shared.wire.topics import Leaf, device_topic
 
 NOW = 1_800_000_000.0
 CHUNK = 1024  # the smallest chunk size the wire allows: several chunks from a small bundle

@@ -19,7 +19,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.chunks import (
+from edgefleet.shared.bundle.manifest import MANIFEST_PAYLOAD_TYPE, Manifest
+from edgefleet.shared.errors import DirectiveError, MessageError, SignatureError, UnknownSchemaError
+from edgefleet.shared.trust.signing import SigningKey, open_envelope, seal_envelope
+from edgefleet.shared.wire.chunks import (
     HEADER_BYTES,
     MAGIC,
     MIN_CHUNK_BYTES,
@@ -28,9 +31,7 @@ from shared.chunks import (
     ChunkRequest,
     decode_chunk_message,
 )
-from shared.errors import DirectiveError, MessageError, SignatureError, UnknownSchemaError
-from shared.manifest import MANIFEST_PAYLOAD_TYPE, Manifest
-from shared.messages import (
+from edgefleet.shared.wire.messages import (
     DESIRED_PAYLOAD_TYPE,
     MAX_MESSAGE_BYTES,
     DeploymentEvent,
@@ -42,7 +43,6 @@ from shared.messages import (
     ReportedState,
     verify_desired_state,
 )
-from shared.signing import SigningKey, open_envelope, seal_envelope
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER_DIGEST = "sha256:" + "cd" * 32

@@ -24,20 +24,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import agent.reconciler as reconciler_module
-from agent.config import AgentConfig, TrustConfig
-from agent.deployment import RECOVERY, Recovery, State
-from agent.model_host import ModelHost
-from agent.reconciler import Reconciler
-from agent.runtimes import load_model
-from agent.state_store import STATE_FILE, AgentState, InProgress, StateStore
-from agent.transfer import Cancelled
-from control_plane.demo_models import build_onnx_mlp, make_mlp_weights, reference_predict
-from shared.bundle import build_bundle, make_manifest
-from shared.errors import TransferError
-from shared.messages import DeploymentEvent, DesiredState, ModelDirective, Outcome, ReportedState
-from shared.signing import SigningKey
-from shared.topics import Leaf
+import edgefleet.agent.deployment.reconciler as reconciler_module
+from edgefleet.agent.config import AgentConfig, TrustConfig
+from edgefleet.agent.deployment.machine import RECOVERY, Recovery, State
+from edgefleet.agent.deployment.reconciler import Reconciler
+from edgefleet.agent.deployment.state_store import STATE_FILE, AgentState, InProgress, StateStore
+from edgefleet.agent.serving.host import ModelHost
+from edgefleet.agent.transfer.mqtt_chunks import Cancelled
+from edgefleet.control_plane.devtools.demo_models import build_onnx_mlp, make_mlp_weights, reference_predict
+from edgefleet.shared.bundle.format import build_bundle, make_manifest
+from edgefleet.shared.errors import TransferError
+from edgefleet.shared.runtimes import load_model
+from edgefleet.shared.trust.signing import SigningKey
+from edgefleet.shared.wire.messages import DeploymentEvent, DesiredState, ModelDirective, Outcome, ReportedState
+from edgefleet.shared.wire.topics import Leaf
 
 DEVICE = "unit-dev"
 MODEL = "clf"
@@ -334,7 +334,7 @@ def test_failed_no_change_when_the_disk_fills_while_staging(
             raise OSError(errno.ENOSPC, "No space left on device")
 
         with monkeypatch.context() as m:  # the real extraction, with every file write failing
-            m.setattr("shared.bundle._copy_hashed", no_space)
+            m.setattr("edgefleet.shared.bundle.format._copy_hashed", no_space)
             return real_extract(bundle, dest, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(reconciler_module, "extract_bundle", extract_until_full)

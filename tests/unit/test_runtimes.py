@@ -16,10 +16,10 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.runtimes import LoadedModel, RuntimeOptions, load_model
-from agent.runtimes.onnx_backend import choose_providers, onnx_type_to_v2
-from shared.errors import ConfigError, InferenceError, RuntimeLoadError
-from shared.tensors import TensorSpec
+from edgefleet.shared.errors import ConfigError, InferenceError, RuntimeLoadError
+from edgefleet.shared.runtimes import LoadedModel, RuntimeOptions, load_model
+from edgefleet.shared.runtimes.onnx_backend import choose_providers, onnx_type_to_v2
+from edgefleet.shared.tensors import TensorSpec
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -74,7 +74,7 @@ def onnx_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def tflite_path(tmp_path: Path) -> Path:
     # Imported here, not at module level: the ONNX tests must not depend on the TFLite builder.
-    from control_plane.demo_models import build_tflite_mlp, make_mlp_weights
+    from edgefleet.control_plane.devtools.demo_models import build_tflite_mlp, make_mlp_weights
 
     path = tmp_path / "mlp.tflite"
     path.write_bytes(build_tflite_mlp(make_mlp_weights(n_inputs=8, hidden=(16,), n_outputs=3, seed=7)))
@@ -223,7 +223,7 @@ def test_runtimes_are_imported_lazily(onnx_path: Path, tflite_path: Path) -> Non
     # A fresh interpreter: this test process has imported both runtimes already.
     code = (
         "import sys\n"
-        "from agent.runtimes import load_model\n"
+        "from shared.runtimes import load_model\n"
         "assert 'onnxruntime' not in sys.modules and 'ai_edge_litert' not in sys.modules\n"
         f"load_model('tflite', {str(tflite_path)!r}, name='m', version='1')\n"
         "assert 'ai_edge_litert' in sys.modules and 'onnxruntime' not in sys.modules\n"
@@ -266,7 +266,7 @@ def run_interpreter_directly(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def test_tflite_matches_direct_interpreter_across_batch_sizes(tflite_model: LoadedModel, tflite_path: Path) -> None:
-    from control_plane.demo_models import make_mlp_weights, reference_predict
+    from edgefleet.control_plane.devtools.demo_models import make_mlp_weights, reference_predict
 
     weights = make_mlp_weights(n_inputs=8, hidden=(16,), n_outputs=3, seed=7)
     rng = np.random.default_rng(0)
@@ -303,7 +303,7 @@ def test_tflite_outputs_are_not_overwritten_by_the_next_call(tflite_model: Loade
 
 
 def test_tflite_concurrent_predicts_are_serialised(tflite_model: LoadedModel) -> None:
-    from control_plane.demo_models import make_mlp_weights, reference_predict
+    from edgefleet.control_plane.devtools.demo_models import make_mlp_weights, reference_predict
 
     weights = make_mlp_weights(n_inputs=8, hidden=(16,), n_outputs=3, seed=7)
     batches = (1, 2, 5, 8, 3, 13)

@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import agent.reconciler as reconciler_module
-from agent.config import AgentConfig, TrustConfig
-from agent.model_host import ModelHost
-from agent.reconciler import Reconciler
-from agent.runtimes import load_model
-from agent.runtimes.base import LoadedModel
-from agent.shadow import (
+import edgefleet.agent.deployment.reconciler as reconciler_module
+from edgefleet.agent.config import AgentConfig, TrustConfig
+from edgefleet.agent.deployment.reconciler import Reconciler
+from edgefleet.agent.deployment.state_store import AgentState, ShadowModel, StateStore
+from edgefleet.agent.serving.host import ModelHost
+from edgefleet.agent.serving.shadow import (
     LatencyReservoir,
     OutputMismatchError,
     ShadowConfig,
@@ -30,16 +29,17 @@ from agent.shadow import (
     ShadowStats,
     compare_outputs,
 )
-from agent.state_store import AgentState, ShadowModel, StateStore
-from control_plane.demo_models import build_onnx_mlp, make_mlp_weights
-from control_plane.desired_states import desired_state_for
-from control_plane.tables import Assignment, Device, ModelVersion, ShadowAssignment
-from control_plane.views import device_shadows_public
-from shared.bundle import build_bundle, make_manifest
-from shared.errors import InferenceError, TransferError
-from shared.messages import DesiredState, ModelDirective, ReportedState, ShadowDirective, ShadowReport
-from shared.signing import SigningKey
-from shared.tensors import TensorSpec
+from edgefleet.control_plane.api.schemas import device_shadows_public
+from edgefleet.control_plane.db.tables import Assignment, Device, ModelVersion, ShadowAssignment
+from edgefleet.control_plane.devtools.demo_models import build_onnx_mlp, make_mlp_weights
+from edgefleet.control_plane.services.desired_states import desired_state_for
+from edgefleet.shared.bundle.format import build_bundle, make_manifest
+from edgefleet.shared.errors import InferenceError, TransferError
+from edgefleet.shared.runtimes import load_model
+from edgefleet.shared.runtimes.base import LoadedModel
+from edgefleet.shared.tensors import TensorSpec
+from edgefleet.shared.trust.signing import SigningKey
+from edgefleet.shared.wire.messages import DesiredState, ModelDirective, ReportedState, ShadowDirective, ShadowReport
 
 DIGEST = "sha256:" + "ab" * 32
 SPEC_IN = (TensorSpec(name="x", datatype="FP32", shape=(-1, 3)),)

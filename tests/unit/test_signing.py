@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from shared.errors import ConfigError, MessageError, SignatureError
-from shared.signing import (
+from edgefleet.shared.errors import ConfigError, MessageError, SignatureError
+from edgefleet.shared.trust.signing import (
     MAX_ENVELOPE_BYTES,
     MAX_SIGNATURES,
     SigningKey,

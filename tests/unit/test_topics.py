@@ -7,8 +7,8 @@ import re
 import pytest
 from paho.mqtt.client import topic_matches_sub
 
-from shared.errors import MessageError
-from shared.topics import (
+from edgefleet.shared.errors import MessageError
+from edgefleet.shared.wire.topics import (
     DEVICE_PUBLISHES,
     DEVICE_SUBSCRIBES,
     ROOT,

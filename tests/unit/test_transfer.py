@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.bandwidth import BURST_S
-from agent.config import TransferConfig
-from agent.transfer import POLL_S, RECONNECT_GRACE_S, Cancelled, ChunkFetcher
-from shared.chunks import Chunk, ChunkError, ChunkRequest, chunk_count
-from shared.errors import BundleIntegrityError, TransferError
+from edgefleet.agent.config import TransferConfig
+from edgefleet.agent.transfer.bandwidth import BURST_S
+from edgefleet.agent.transfer.mqtt_chunks import POLL_S, RECONNECT_GRACE_S, Cancelled, ChunkFetcher
+from edgefleet.shared.errors import BundleIntegrityError, TransferError
+from edgefleet.shared.wire.chunks import Chunk, ChunkError, ChunkRequest, chunk_count
 
 CHUNK = 4096
 BLOB = random.Random(1234).randbytes(300_000)  # 74 chunks, the last one 992 bytes

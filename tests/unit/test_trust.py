@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import TrustConfig
-from agent.trust_store import TrustStore
-from shared.errors import ConfigError, MessageError, SignatureError, TrustError
-from shared.signing import SigningKey
-from shared.trust import Keyring, KeyringExpiredError, build_keyring, next_version, sign_keyring
+from edgefleet.agent.config import TrustConfig
+from edgefleet.agent.deployment.trust_store import TrustStore
+from edgefleet.shared.errors import ConfigError, MessageError, SignatureError, TrustError
+from edgefleet.shared.trust.keyring import Keyring, KeyringExpiredError, build_keyring, next_version, sign_keyring
+from edgefleet.shared.trust.signing import SigningKey
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
 

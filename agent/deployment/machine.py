@@ -1,0 +1,113 @@
+"""The deployment state machine of one model on one device.
+
+Theory of operation: a deployment moves one model to the bundle a desired state names. Each
+step is announced by an event; the legal (state, event) pairs are exactly the keys of
+:data:`TRANSITIONS`, and anything else raises :class:`IllegalTransition`. The machine does no
+I/O: the reconciler persists the new state *before* it performs the step that state names, so
+that after a crash :data:`RECOVERY` says, from the stored state alone, what to do on boot.
+
+::
+
+    PENDING ─start─▶ DOWNLOADING ─downloaded─▶ VERIFYING ─verified─▶ STAGING ─staged─▶ ACTIVATING
+        │                 │                       │                     │                 │
+        └──── fail / reject / supersede: nothing changed yet ───────────┴──▶ DONE (no change | rejected)
+    ACTIVATING ─activated─▶ HEALTH_CHECKING ─healthy─▶ DONE (succeeded)
+    ACTIVATING / HEALTH_CHECKING ─fail─▶ ROLLING_BACK ─rolled_back─▶ DONE (failed, rolled back)
+                                                      └rollback_failed▶ DONE (failed, unable to roll back)
+
+Until ACTIVATING begins the running model is untouched, so failures before it are "no change".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from edgefleet.shared.errors import EdgefleetError
+from edgefleet.shared.wire.messages import Outcome
+
+
+class State(StrEnum):
+    PENDING = "pending"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    STAGING = "staging"
+    ACTIVATING = "activating"
+    HEALTH_CHECKING = "health_checking"
+    ROLLING_BACK = "rolling_back"
+    DONE = "done"
+
+
+class Event(StrEnum):
+    START = "start"
+    DOWNLOADED = "downloaded"
+    VERIFIED = "verified"
+    STAGED = "staged"
+    ACTIVATED = "activated"
+    HEALTHY = "healthy"
+    FAIL = "fail"
+    REJECT = "reject"
+    SUPERSEDE = "supersede"
+    ROLLED_BACK = "rolled_back"
+    ROLLBACK_FAILED = "rollback_failed"
+
+
+class IllegalTransition(EdgefleetError):
+    code = "illegal_transition"
+
+
+_BEFORE_ACTIVATION = (State.PENDING, State.DOWNLOADING, State.VERIFYING, State.STAGING)
+
+# (state, event) -> (next state, outcome once DONE).
+TRANSITIONS: dict[tuple[State, Event], tuple[State, Outcome | None]] = {
+    (State.PENDING, Event.START): (State.DOWNLOADING, None),
+    (State.DOWNLOADING, Event.DOWNLOADED): (State.VERIFYING, None),
+    (State.VERIFYING, Event.VERIFIED): (State.STAGING, None),
+    (State.STAGING, Event.STAGED): (State.ACTIVATING, None),
+    (State.ACTIVATING, Event.ACTIVATED): (State.HEALTH_CHECKING, None),
+    (State.HEALTH_CHECKING, Event.HEALTHY): (State.DONE, Outcome.SUCCEEDED),
+    (State.ACTIVATING, Event.FAIL): (State.ROLLING_BACK, None),
+    (State.HEALTH_CHECKING, Event.FAIL): (State.ROLLING_BACK, None),
+    (State.ROLLING_BACK, Event.ROLLED_BACK): (State.DONE, Outcome.FAILED_ROLLED_BACK),
+    (State.ROLLING_BACK, Event.ROLLBACK_FAILED): (State.DONE, Outcome.FAILED_UNABLE_TO_ROLL_BACK),
+    **{(s, Event.FAIL): (State.DONE, Outcome.FAILED_NO_CHANGE) for s in _BEFORE_ACTIVATION},
+    **{(s, Event.REJECT): (State.DONE, Outcome.REJECTED) for s in _BEFORE_ACTIVATION},
+    **{(s, Event.SUPERSEDE): (State.DONE, Outcome.FAILED_NO_CHANGE) for s in _BEFORE_ACTIVATION},
+}
+
+
+class Recovery(StrEnum):
+    """What the agent does on boot for a deployment it finds in a stored state."""
+
+    RESTART = "restart"  # nothing changed yet: start over (downloads resume from verified chunks)
+    ROLL_BACK = "roll_back"  # the new slot may be live and unproven: return to the previous one
+    NOTHING = "nothing"  # finished: only the report may be missing
+
+
+RECOVERY: dict[State, Recovery] = {
+    State.PENDING: Recovery.RESTART,
+    State.DOWNLOADING: Recovery.RESTART,
+    State.VERIFYING: Recovery.RESTART,
+    State.STAGING: Recovery.RESTART,
+    State.ACTIVATING: Recovery.ROLL_BACK,
+    State.HEALTH_CHECKING: Recovery.ROLL_BACK,
+    State.ROLLING_BACK: Recovery.ROLL_BACK,
+    State.DONE: Recovery.NOTHING,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """The result of one transition."""
+
+    state: State
+    outcome: Outcome | None
+
+
+def advance(state: State, event: Event) -> Step:
+    """Apply ``event`` in ``state``; raise :class:`IllegalTransition` for an illegal pair."""
+    try:
+        next_state, outcome = TRANSITIONS[(state, event)]
+    except KeyError:
+        raise IllegalTransition(f"event {event.value!r} is not allowed in state {state.value!r}") from None
+    return Step(next_state, outcome)

@@ -1,0 +1,286 @@
+"""A control plane and agents as real processes on loopback: for the demo, tests and benchmarks.
+
+Each process runs in its own session so a stop can reach its children too (the embedded
+broker is a child of the control plane); nothing is left behind, even after a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from edgefleet.agent.config import AgentConfig, ApiConfig, BrokerConfig, TransferConfig, render_config
+from edgefleet.agent.enrollment import enroll_device, write_enrolled_config
+from edgefleet.control_plane.broker.embedded import free_port
+from edgefleet.control_plane.client import EdgefleetClient
+from edgefleet.shared.errors import EdgefleetError
+from edgefleet.shared.files import atomic_write_bytes
+
+
+class FleetError(EdgefleetError):
+    code = "local_fleet_failed"
+
+
+@dataclass
+class ManagedProcess:
+    """A child process with its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the process's output (for error messages)."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the process (e.g. SIGKILL in crash tests)."""
+        if self.alive:
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        """SIGTERM, wait, then SIGKILL the whole process group; return the exit code."""
+        if self.alive:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=5)
+        try:  # anything the process started and left behind
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return self.popen.returncode
+
+
+def spawn(name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> ManagedProcess:
+    """Start ``python -m ...`` style ``args`` in a new session, output to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:  # a restarted process appends to its log
+        popen = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+    return ManagedProcess(name=name, popen=popen, log_path=log_path)
+
+
+@dataclass
+class AgentProcess:
+    """An agent process and where to reach its local API."""
+
+    device_id: str
+    process: ManagedProcess
+    config_path: Path
+    api_url: str
+    data_tmpfs_bytes: int | None = None  # set: the data dir is a tmpfs in the agent's own mount namespace
+
+    @property
+    def data_dir(self) -> Path:
+        """The agent's data directory, as this process can read it.
+
+        A data dir on a private tmpfs is visible only inside the agent's mount namespace, so it
+        is reached through ``/proc/<pid>/root`` (root only, and only while the agent lives).
+        """
+        path = (self.config_path.parent / "data").resolve()
+        if self.data_tmpfs_bytes is None:
+            return path
+        return Path(f"/proc/{self.process.popen.pid}/root") / path.relative_to(path.anchor)
+
+
+@dataclass
+class LocalFleet:
+    """Start/stop a control plane and agents under ``workdir``."""
+
+    workdir: Path
+    broker_host: str | None = None  # None: the control plane starts its embedded broker
+    broker_port: int = 0
+    embedded_broker: str = "auto"  # with broker_host None: auto | mosquitto | amqtt
+    # The control plane's broker credentials and TLS files (passed to it as EDGEFLEET_BROKER_* variables).
+    broker_username: str | None = None
+    broker_password: str | None = None
+    broker_tls_ca_file: str | None = None
+    broker_tls_cert_file: str | None = None
+    broker_tls_key_file: str | None = None
+    # Per device: the [broker] settings its config starts from (TLS files, say); enrollment then
+    # fills in the address and the user name and password the control plane issued.
+    agent_brokers: dict[str, BrokerConfig] = field(default_factory=dict)
+    bundle_urls: bool = False  # the control plane names its own HTTP bundle URLs in desired states
+    control_plane: ManagedProcess | None = None
+    api_url: str = ""
+    agents: dict[str, AgentProcess] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # type: ignore[type-arg]
+
+    def start_control_plane(self, timeout_s: float = 30.0) -> EdgefleetClient:
+        """Start ``edgefleet server`` and wait until it answers; return a client for it."""
+        port = free_port()
+        args = [
+            sys.executable,
+            "-m",
+            "edgefleet.control_plane",
+            "server",
+            "--data-dir",
+            str(self.workdir / "control-plane"),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
+        if self.broker_host is not None:
+            args += ["--broker-host", self.broker_host, "--broker-port", str(self.broker_port)]
+        else:
+            args += ["--embedded-broker", self.embedded_broker]
+        if self.bundle_urls:
+            args += ["--public-url", f"http://127.0.0.1:{port}"]
+        credentials = {
+            "EDGEFLEET_BROKER_USERNAME": self.broker_username,
+            "EDGEFLEET_BROKER_PASSWORD": self.broker_password,
+            "EDGEFLEET_BROKER_TLS_CA_FILE": self.broker_tls_ca_file,
+            "EDGEFLEET_BROKER_TLS_CERT_FILE": self.broker_tls_cert_file,
+            "EDGEFLEET_BROKER_TLS_KEY_FILE": self.broker_tls_key_file,
+        }
+        env = {name: value for name, value in credentials.items() if value is not None}
+        self.control_plane = spawn("control-plane", args, self.workdir / "logs" / "control-plane.log", env=env)
+        self.api_url = f"http://127.0.0.1:{port}"
+        client = EdgefleetClient(self.api_url)
+        deadline = time.monotonic() + timeout_s
+        while not client.healthy():
+            if not self.control_plane.alive or time.monotonic() > deadline:
+                raise FleetError(f"control plane did not start:\n{self.control_plane.log_tail()}")
+            time.sleep(0.1)
+        self.info = client.info()
+        return client
+
+    def write_agent_config(
+        self,
+        device_id: str,
+        *,
+        chunk_size_bytes: int = 64 * 1024,
+        transfer: TransferConfig | None = None,
+        broker_port: int | None = None,
+        heartbeat_interval_s: float = 5.0,
+    ) -> tuple[Path, int]:
+        """Enroll ``device_id`` the way a real device does and write its config; returns (path, api port).
+
+        The agent pins the control plane's current keyring and gets its own broker credentials.
+
+        Args:
+            device_id: The device to enroll.
+            chunk_size_bytes: MQTT chunk size (ignored when ``transfer`` is given).
+            transfer: The whole transfer section, for tests that tune timeouts or the bandwidth cap.
+            broker_port: Connect to this port instead of the broker's (e.g. a test's TCP proxy).
+            heartbeat_interval_s: Seconds between reported-state heartbeats.
+        """
+        api_port = free_port()
+        client = EdgefleetClient(self.api_url)
+        try:
+            token = client.create_enrollment(device_id)["token"]
+        finally:
+            client.close()
+        enrolled = enroll_device(self.api_url, token)
+        template = AgentConfig(
+            device_id=device_id,
+            data_dir=Path("data"),
+            broker=self.agent_brokers.get(device_id) or BrokerConfig(reconnect_min_s=1, reconnect_max_s=2),
+            api=ApiConfig(port=api_port),
+            transfer=transfer or TransferConfig(chunk_size_bytes=chunk_size_bytes),
+            heartbeat_interval_s=heartbeat_interval_s,
+        )
+        path = self.workdir / "agents" / device_id / "agent.toml"
+        config = write_enrolled_config(enrolled, path, template)
+        if broker_port is not None:
+            config = replace(config, broker=replace(config.broker, port=broker_port))
+            atomic_write_bytes(path, render_config(config).encode(), mode=0o600)
+        return path, api_port
+
+    def start_agent(
+        self,
+        device_id: str,
+        timeout_s: float = 30.0,
+        *,
+        env: Mapping[str, str] | None = None,
+        config: Mapping[str, Any] | None = None,
+        data_tmpfs_bytes: int | None = None,
+    ) -> AgentProcess:
+        """Start (or restart, reusing its config and data) ``edgefleet-agent run`` for ``device_id``.
+
+        Args:
+            device_id: The device; its first start enrolls it and writes its config.
+            timeout_s: How long to wait for its local API to answer.
+            env: Extra environment (e.g. the ``EDGEFLEET_FAULT_*`` variables of :mod:`agent.faults`).
+            config: Keyword arguments for :meth:`write_agent_config` on the first start.
+            data_tmpfs_bytes: Run the agent in a private mount namespace (``unshare -m``, root
+                only) with its data dir on a tmpfs of this size: a small disk for disk-full
+                tests that leaves the host's mounts alone. The data is gone when the agent exits.
+        """
+        existing = self.agents.get(device_id)
+        if existing is not None:
+            path, api_url = existing.config_path, existing.api_url
+        else:
+            path, api_port = self.write_agent_config(device_id, **(config or {}))
+            api_url = f"http://127.0.0.1:{api_port}"
+        args = [sys.executable, "-m", "edgefleet.agent", "run", "--config", str(path)]
+        if data_tmpfs_bytes is not None:
+            data_dir = path.parent / "data"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            mount = f'mount -t tmpfs -o size={int(data_tmpfs_bytes)} edgefleet-data "$0" && exec "$@"'
+            args = ["unshare", "--mount", "sh", "-c", mount, str(data_dir), *args]
+        process = spawn(f"agent-{device_id}", args, self.workdir / "logs" / f"agent-{device_id}.log", dict(env or {}))
+        agent = AgentProcess(
+            device_id=device_id, process=process, config_path=path, api_url=api_url, data_tmpfs_bytes=data_tmpfs_bytes
+        )
+        self.agents[device_id] = agent
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(f"{api_url}/v2/health/live", timeout=1.0).status_code == 200:
+                    return agent
+            except httpx.HTTPError:
+                pass
+            if not process.alive or time.monotonic() > deadline:
+                raise FleetError(f"agent {device_id} did not start:\n{process.log_tail()}")
+            time.sleep(0.1)
+
+    def wait_for_devices(self, client: EdgefleetClient, device_ids: list[str], timeout_s: float = 30.0) -> None:
+        """Wait until every device in ``device_ids`` has reported to the control plane."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            known = {d["id"] for d in client.devices() if d.get("online")}
+            if set(device_ids) <= known:
+                return
+            if time.monotonic() > deadline:
+                raise FleetError(f"devices {sorted(set(device_ids) - known)} did not report within {timeout_s} s")
+            time.sleep(0.1)
+
+    def stop(self) -> dict[str, int]:
+        """Stop every agent, then the control plane; return exit codes by process name."""
+        codes = {a.process.name: a.process.stop() for a in self.agents.values()}
+        if self.control_plane is not None:
+            codes[self.control_plane.name] = self.control_plane.stop()
+        return codes
+
+    def __enter__(self) -> LocalFleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
