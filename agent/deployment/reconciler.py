@@ -92,8 +92,12 @@ class Reconciler:
         clock: Callable[[], float] = time.time,
         trust: TrustStore | None = None,
         http_fetcher: HttpFetcher | None = None,
+        on_work: Callable[[], None] | None = None,
     ) -> None:
         self._config = config
+        # Called (from any thread) whenever work arrives, so that an owner that drives many agents
+        # from a small pool can schedule :meth:`step`; the one-agent :meth:`run` loop needs none.
+        self._on_work = on_work
         self._store = store
         self._host = host
         self._fetcher = fetcher
@@ -150,8 +154,7 @@ class Reconciler:
             shadow_digests = {m.shadow.bundle_digest for m in desired.models if m.shadow is not None}
             if self._shadow_fetching is not None and self._shadow_fetching not in shadow_digests:
                 self._cancel.set()
-            self.idle.clear()
-            self._wake.set()
+            self.wake()
 
     def offer_keyring(self, data: bytes) -> None:
         """A keyring version arrived (paho thread): accept it in order, then retry a deferred state."""
@@ -176,8 +179,11 @@ class Reconciler:
         self._publish(Leaf.EVENTS, event.encode(), False)
 
     def wake(self) -> None:
-        """Wake the worker now (shutdown, tests)."""
+        """Mark work as due and tell the owner (new desired state, shutdown, tests)."""
+        self.idle.clear()
         self._wake.set()
+        if self._on_work is not None:
+            self._on_work()
 
     # -- boot --------------------------------------------------------------------------------
 
@@ -217,27 +223,39 @@ class Reconciler:
     # -- worker thread -----------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Reconcile whenever woken, until ``stop`` is set."""
+        """Reconcile whenever woken, until ``stop`` is set (one thread for one agent)."""
         self._wake.set()
         while not stop.is_set():
             self._wake.wait(timeout=1.0)
             if stop.is_set():
                 break
-            if not self._wake.is_set():
-                continue
-            self._wake.clear()
-            self._cancel.clear()
-            try:
-                retry = self.reconcile_once()
-            except (EdgefleetError, OSError):
-                # E.g. state.json cannot be written (disk full): keep serving, try again later.
-                log.exception("reconcile failed; retrying in %.0f s", RETRY_DELAY_S)
-                retry = True
-            if retry:
-                stop.wait(RETRY_DELAY_S)
-                self._wake.set()
-            elif not self._wake.is_set():
-                self.idle.set()
+            delay = self.step()
+            if delay:
+                stop.wait(delay)
+
+    def step(self) -> float | None:
+        """Do the work that is due, if any; return seconds until the next step is due, or None.
+
+        None means idle until woken (see ``on_work``). Never raises for a failed pass: a pass that
+        could not finish (disk full, say) asks to be stepped again after the retry delay.
+        """
+        if not self._wake.is_set():
+            return None
+        self._wake.clear()
+        self._cancel.clear()
+        try:
+            retry = self.reconcile_once()
+        except (EdgefleetError, OSError):
+            # E.g. state.json cannot be written (disk full): keep serving, try again later.
+            log.exception("reconcile failed; retrying in %.0f s", RETRY_DELAY_S)
+            retry = True
+        if retry:
+            self._wake.set()  # due again once the delay has passed
+            return RETRY_DELAY_S
+        if self._wake.is_set():
+            return 0.0
+        self.idle.set()
+        return None
 
     def reconcile_once(self) -> bool:
         """Bring active models in line with the accepted desired state; True if a retry is due."""
