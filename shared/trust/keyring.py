@@ -149,7 +149,7 @@ def parse_keyring(data: bytes) -> Keyring:
             if key.keytype != "ed25519":
                 raise MessageError(f"keyring: role {role} has a {key.keytype} key; only ed25519 is accepted")
             try:
-                public_key_from_hex(key.keyval.get("public"))
+                public_key_from_hex(key.keyval.get("public", ""))
             except ConfigError as exc:
                 raise MessageError(f"keyring: role {role}: {exc}") from exc
     return Keyring(metadata=metadata, raw=data)
