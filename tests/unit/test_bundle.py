@@ -34,6 +34,7 @@ from edgefleet.shared.errors import (
     ConflictError,
     EdgefleetError,
     MessageError,
+    NotFoundError,
     SignatureError,
     UnsafeArchiveError,
 )
@@ -253,6 +254,12 @@ def test_a_signed_but_invalid_manifest_is_an_integrity_error(tmp_path: Path, pub
     path = write_tar(tmp_path / "b.tar", [envelope_member(envelope), *file_members()])
     with pytest.raises(BundleIntegrityError, match="signed manifest is invalid"):
         verify_bundle(path, trusted_keys=trusted(publisher))
+
+
+def test_a_file_the_manifest_does_not_list_is_not_found(manifest: Manifest) -> None:
+    assert manifest.file(manifest.model_file).path == manifest.model_file
+    with pytest.raises(NotFoundError, match="lists no file 'missing.bin'"):
+        manifest.file("missing.bin")
 
 
 def test_an_envelope_that_is_not_json_is_an_integrity_error(tmp_path: Path, publisher: SigningKey) -> None:
