@@ -38,9 +38,9 @@ KNOWN_OUTSIDE = {
     "edgefleet.control_plane.devtools.local_fleet.FleetError",  # drawn nowhere
 }
 
-# One line of the drawing: tree glyphs, the class name, its HTTP status, "retry" if retryable,
-# then a description. The name's column gives its depth.
-_TREE_LINE = re.compile(r"^(?P<indent>[ │├└─]*)(?P<name>[A-Z]\w*)\s+(?P<status>\d{3})(?P<retry> retry)?\s{2,}\S")
+# One line of the drawing: tree glyphs, the class name (private ones too), its HTTP status,
+# "retry" if retryable, then a description. The name's column gives its depth.
+_TREE_LINE = re.compile(r"^(?P<indent>[ │├└─]*)(?P<name>_?[A-Z]\w*)\s+(?P<status>\d{3})(?P<retry> retry)?\s{2,}\S")
 
 
 @dataclass(frozen=True)
