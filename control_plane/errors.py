@@ -1,55 +1,24 @@
-"""Errors only the control plane raises, on top of the shared tree in :mod:`shared.errors`.
+"""How the control plane's API answers an edgefleet error: the status and body of its response.
 
-::
-
-    EdgefleetError (shared)
-    ├── ConflictError        the resource exists with different content (HTTP 409)
-    └── TooLargeError        an upload or request over a configured limit (HTTP 413)
-
-:func:`http_status` maps every edgefleet error to the HTTP status the API answers with.
+The status is the error class's own ``http_status``: :mod:`edgefleet.shared.errors` holds the one
+status map, for every API edgefleet serves. The body is ``{"detail": {"code", "message",
+"retryable"}}``, the shape the SDK client (:mod:`edgefleet.control_plane.client`) reads back.
 """
 
 from __future__ import annotations
 
-from edgefleet.shared.errors import (
-    BundleError,
-    ConfigError,
-    EdgefleetError,
-    MessageError,
-    NotFoundError,
-    RuntimeLoadError,
-    TrustError,
-)
+# ConflictError and TooLargeError are part of the shared tree now; they stay importable from here
+# until the services and routes that import them from this module import them from there.
+from edgefleet.shared.errors import ConflictError, EdgefleetError, TooLargeError
 
-
-class ConflictError(EdgefleetError):
-    """The same name/version exists with different content."""
-
-    code = "conflict"
-
-
-class TooLargeError(EdgefleetError):
-    """Input over a configured size limit."""
-
-    code = "too_large"
-
-
-# Checked in order: subclasses before their parents.
-_STATUS_BY_ERROR: tuple[tuple[type[EdgefleetError], int], ...] = (
-    (NotFoundError, 404),
-    (ConflictError, 409),
-    (TooLargeError, 413),
-    (MessageError, 400),
-    (RuntimeLoadError, 400),
-    (BundleError, 400),
-    (TrustError, 400),
-    (ConfigError, 400),
-)
+__all__ = ["ConflictError", "TooLargeError", "error_body", "http_status"]
 
 
 def http_status(error: EdgefleetError) -> int:
-    """The HTTP status for ``error``: 4xx for the caller's mistakes, 500 for ours."""
-    for cls, status in _STATUS_BY_ERROR:
-        if isinstance(error, cls):
-            return status
-    return 503 if error.retryable else 500
+    """The HTTP status the API answers ``error`` with: 4xx for the caller's mistakes, 5xx for ours."""
+    return error.http_status
+
+
+def error_body(error: EdgefleetError) -> dict[str, object]:
+    """The JSON body the API answers ``error`` with."""
+    return {"detail": error.to_dict()}

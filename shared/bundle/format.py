@@ -38,7 +38,7 @@ from edgefleet.shared.bundle.manifest import (
     FileEntry,
     Manifest,
 )
-from edgefleet.shared.errors import BundleIntegrityError, MessageError, UnsafeArchiveError
+from edgefleet.shared.errors import BundleIntegrityError, ConflictError, MessageError, UnsafeArchiveError
 from edgefleet.shared.files import fsync_dir
 from edgefleet.shared.tensors import TensorSpec
 from edgefleet.shared.trust.signing import SigningKey, open_envelope, seal_envelope
@@ -195,9 +195,12 @@ def _read_manifest(
         raise BundleIntegrityError(f"bundle must start with {ENVELOPE_MEMBER}")
     if first.size > MAX_MANIFEST_BYTES * 2:
         raise UnsafeArchiveError(f"{ENVELOPE_MEMBER} is {first.size} bytes, over the limit")
-    payload = open_envelope(
-        _read_exact(tar, first), payload_type=MANIFEST_PAYLOAD_TYPE, trusted_keys=trusted_keys, threshold=threshold
-    )
+    try:
+        payload = open_envelope(
+            _read_exact(tar, first), payload_type=MANIFEST_PAYLOAD_TYPE, trusted_keys=trusted_keys, threshold=threshold
+        )
+    except MessageError as exc:  # a malformed envelope is a bad bundle to every caller of this module
+        raise BundleIntegrityError(f"{ENVELOPE_MEMBER} is not a DSSE envelope: {exc}") from exc
     try:
         return Manifest.decode(payload)
     except MessageError as exc:
@@ -256,7 +259,8 @@ def verify_bundle(
     Raises:
         SignatureError: The manifest is not signed by ``threshold`` trusted keys, or has the
             wrong payload type.
-        BundleIntegrityError: Files missing, extra, or not matching the manifest.
+        BundleIntegrityError: A malformed manifest or envelope; files missing, extra, or not
+            matching the manifest.
         UnsafeArchiveError: Links, special files, odd modes, or sizes past ``limits``.
     """
     try:
@@ -282,9 +286,14 @@ def extract_bundle(
 
     ``dest`` must not exist; on any error it is removed, so a half-unpacked bundle is never left.
     Callers should :func:`verify_bundle` first: this pass verifies again while it writes.
+
+    Raises:
+        ConflictError: ``dest`` exists already.
+        SignatureError, BundleIntegrityError, UnsafeArchiveError: As :func:`verify_bundle`.
+        OSError: The files cannot be written (disk full, permissions).
     """
     if dest.exists():
-        raise FileExistsError(dest)
+        raise ConflictError(f"cannot unpack the bundle into {dest}: it exists already")
     tmp = dest.with_name(dest.name + ".unpacking")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgefleet.shared.errors import MessageError
+from edgefleet.shared.errors import MessageError, NotFoundError
 from edgefleet.shared.tensors import TensorSpec
 from edgefleet.shared.wire.strict import (
     NAME_RE,
@@ -110,11 +110,15 @@ class Manifest:
     latency_budget_ms: float | None = None
 
     def file(self, path: str) -> FileEntry:
-        """The entry for ``path``; :class:`KeyError` if absent."""
+        """The entry for ``path``.
+
+        Raises:
+            NotFoundError: The manifest lists no file at ``path``.
+        """
         for entry in self.files:
             if entry.path == path:
                 return entry
-        raise KeyError(path)
+        raise NotFoundError(f"{self.name} {self.version}: the manifest lists no file {path!r:.200}")
 
     @property
     def total_size(self) -> int:

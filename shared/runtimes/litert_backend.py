@@ -18,7 +18,7 @@ from edgefleet.shared.runtimes.base import LoadedModel, RuntimeOptions
 from edgefleet.shared.tensors import NUMPY_TO_V2, TensorSpec
 
 
-def _import_interpreter() -> type[Any]:
+def _import_interpreter() -> Any:
     """Return the ``Interpreter`` class of whichever TFLite runtime is installed.
 
     Raises:

@@ -32,16 +32,12 @@ from tuf.api.exceptions import RepositoryError
 from tuf.api.metadata import Metadata, Role, Root
 from tuf.api.serialization import DeserializationError
 
-from edgefleet.shared.errors import MessageError, SignatureError, TrustError
+from edgefleet.shared.errors import ConfigError, KeyringExpiredError, MessageError, SignatureError, TrustError
 from edgefleet.shared.trust.signing import SigningKey, key_id, public_key_from_hex
 
 ROOT, PUBLISHER, ONLINE = "root", "targets", "timestamp"
 MAX_KEYRING_BYTES = 512 * 1024  # bytes
 DEFAULT_KEYRING_LIFETIME = timedelta(days=3650)  # an unattended device must not brick itself on a date
-
-
-class KeyringExpiredError(TrustError):
-    code = "keyring_expired"
 
 
 def _sslib_key(public_key: Ed25519PublicKey) -> SSlibKey:
@@ -143,11 +139,19 @@ def parse_keyring(data: bytes) -> Keyring:
         raise MessageError(f"keyring: not TUF root metadata: {exc}") from exc
     if not isinstance(metadata.signed, Root):
         raise MessageError(f"keyring: expected root metadata, got {metadata.signed.type!r}")
+    # TUF checks the roles but not that each names keys it lists, nor the key bytes: checked here,
+    # so that a verified keyring's keys_for() cannot fail later.
     for role in (ROOT, PUBLISHER, ONLINE):
         for tuf_keyid in metadata.signed.roles[role].keyids:
-            key = metadata.signed.keys[tuf_keyid]
+            key = metadata.signed.keys.get(tuf_keyid)
+            if key is None:
+                raise MessageError(f"keyring: role {role} names key {tuf_keyid!r:.80}, which it does not list")
             if key.keytype != "ed25519":
                 raise MessageError(f"keyring: role {role} has a {key.keytype} key; only ed25519 is accepted")
+            try:
+                public_key_from_hex(key.keyval.get("public", ""))
+            except ConfigError as exc:
+                raise MessageError(f"keyring: role {role}: {exc}") from exc
     return Keyring(metadata=metadata, raw=data)
 
 
@@ -161,14 +165,18 @@ def build_keyring(
     online_keys: Sequence[Ed25519PublicKey],
     expires: datetime,
 ) -> Metadata[Root]:
-    """An unsigned keyring version with these roles (sign it with :func:`sign_keyring`)."""
+    """An unsigned keyring version with these roles (sign it with :func:`sign_keyring`).
+
+    Raises:
+        ConfigError: A role's threshold is below 1 or above its number of keys.
+    """
     for name, keys, threshold in (
         (ROOT, root_keys, root_threshold),
         (PUBLISHER, publisher_keys, publisher_threshold),
         (ONLINE, online_keys, 1),
     ):
         if not 1 <= threshold <= len(keys):
-            raise ValueError(f"role {name}: threshold {threshold} with {len(keys)} key(s)")
+            raise ConfigError(f"role {name}: threshold {threshold} with {len(keys)} key(s)")
     root = Root(version=version, expires=expires, consistent_snapshot=False)
     root.roles = {
         ROOT: Role([], root_threshold),

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -92,7 +92,8 @@ class SigningKey:
         """Load a PKCS#8 PEM Ed25519 key; :class:`ConfigError` if it is anything else."""
         try:
             key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError) as exc:
+        # UnsupportedAlgorithm: a well-formed PEM of a key type this cryptography build lacks.
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise ConfigError(f"not a PEM private key: {exc}") from exc
         if not isinstance(key, Ed25519PrivateKey):
             raise ConfigError("signing keys must be Ed25519")
@@ -115,11 +116,15 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 
 
 def seal_envelope(payload_type: str, payload: bytes, keys: Iterable[SigningKey]) -> bytes:
-    """Sign ``payload`` with each key and return the DSSE envelope as JSON bytes."""
+    """Sign ``payload`` with each key and return the DSSE envelope as JSON bytes.
+
+    Raises:
+        ConfigError: ``keys`` is empty.
+    """
     message = pae(payload_type, payload)
     signatures = [{"keyid": k.key_id, "sig": base64.b64encode(k.sign(message)).decode()} for k in keys]
     if not signatures:
-        raise ValueError("an envelope needs at least one signing key")
+        raise ConfigError("an envelope needs at least one signing key")
     envelope = {
         "payloadType": payload_type,
         "payload": base64.b64encode(payload).decode(),
@@ -153,11 +158,12 @@ def open_envelope(
         threshold: How many distinct trusted keys must have signed.
 
     Raises:
+        ConfigError: ``threshold`` is below 1.
         MessageError: The envelope is not well-formed.
         SignatureError: Wrong payload type, or fewer than ``threshold`` valid trusted signatures.
     """
     if threshold < 1:
-        raise ValueError("a signature threshold below 1 would accept unsigned envelopes")
+        raise ConfigError("a signature threshold below 1 would accept unsigned envelopes")
     if len(data) > MAX_ENVELOPE_BYTES:
         raise MessageError(f"envelope is {len(data)} bytes, over the {MAX_ENVELOPE_BYTES}-byte limit")
     try:

@@ -31,7 +31,10 @@ from edgefleet.shared.bundle.manifest import MANIFEST_PAYLOAD_TYPE, Manifest
 from edgefleet.shared.errors import (
     BundleError,
     BundleIntegrityError,
+    ConflictError,
     EdgefleetError,
+    MessageError,
+    NotFoundError,
     SignatureError,
     UnsafeArchiveError,
 )
@@ -184,7 +187,7 @@ def test_same_inputs_give_the_same_digest(
 def test_extract_refuses_an_existing_destination(bundle: Path, publisher: SigningKey, tmp_path: Path) -> None:
     dest = tmp_path / "slot"
     dest.mkdir()
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ConflictError, match="exists already"):
         extract_bundle(bundle, dest, trusted_keys=trusted(publisher))
 
 
@@ -253,6 +256,20 @@ def test_a_signed_but_invalid_manifest_is_an_integrity_error(tmp_path: Path, pub
         verify_bundle(path, trusted_keys=trusted(publisher))
 
 
+def test_a_file_the_manifest_does_not_list_is_not_found(manifest: Manifest) -> None:
+    assert manifest.file(manifest.model_file).path == manifest.model_file
+    with pytest.raises(NotFoundError, match="lists no file 'missing.bin'"):
+        manifest.file("missing.bin")
+
+
+def test_an_envelope_that_is_not_json_is_an_integrity_error(tmp_path: Path, publisher: SigningKey) -> None:
+    path = write_tar(tmp_path / "b.tar", [envelope_member(b"{not json"), *file_members()])
+    with pytest.raises(BundleIntegrityError, match="is not a DSSE envelope: envelope is not JSON") as info:
+        verify_bundle(path, trusted_keys=trusted(publisher))
+    assert isinstance(info.value.__cause__, MessageError)
+    extract_leaves_nothing(path, tmp_path, trusted(publisher), BundleIntegrityError)
+
+
 # --- signatures --------------------------------------------------------------------------------
 
 
@@ -285,7 +302,7 @@ def test_a_payload_signed_as_another_type_is_refused(tmp_path: Path, manifest: M
 
 
 def test_payload_type_is_checked_before_the_payload_is_parsed(tmp_path: Path, publisher: SigningKey) -> None:
-    # The payload is not even base64: were it decoded first, this would be a MessageError.
+    # The payload is not even base64: were it decoded first, this would be a BundleIntegrityError.
     envelope = json.dumps(
         {"payloadType": "text/plain", "payload": "%%% not base64 %%%", "signatures": [{"keyid": "x", "sig": "y"}]}
     ).encode()

@@ -74,7 +74,7 @@ def test_the_envelope_is_the_dsse_json_shape(alice: SigningKey) -> None:
 
 
 def test_seal_needs_a_key() -> None:
-    with pytest.raises(ValueError, match="at least one signing key"):
+    with pytest.raises(ConfigError, match="at least one signing key"):
         seal_envelope(TYPE, PAYLOAD, [])
 
 
@@ -109,7 +109,7 @@ def test_threshold_counts_distinct_keys(alice: SigningKey, bob: SigningKey) -> N
 def test_a_threshold_below_one_never_opens_an_unsigned_envelope(alice: SigningKey, bob: SigningKey) -> None:
     # AgentConfig accepts trust.publisher_threshold = 0 and passes it straight through to here.
     forged = seal_envelope(TYPE, PAYLOAD, [bob])
-    with pytest.raises((ValueError, SignatureError), match="threshold|signature"):
+    with pytest.raises((ConfigError, SignatureError), match="threshold|signature"):
         open_envelope(forged, payload_type=TYPE, trusted_keys=trusted(alice), threshold=0)
 
 

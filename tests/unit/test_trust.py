@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edgefleet.agent.config import TrustConfig
 from edgefleet.agent.deployment.trust_store import TrustStore
-from edgefleet.shared.errors import ConfigError, MessageError, SignatureError, TrustError
-from edgefleet.shared.trust.keyring import Keyring, KeyringExpiredError, build_keyring, next_version, sign_keyring
+from edgefleet.shared.errors import ConfigError, KeyringExpiredError, MessageError, SignatureError, TrustError
+from edgefleet.shared.trust.keyring import Keyring, build_keyring, next_version, parse_keyring, sign_keyring
 from edgefleet.shared.trust.signing import SigningKey
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
@@ -100,6 +102,42 @@ def test_garbage_is_a_message_error(keys, garbage: bytes) -> None:
     v1 = _v1([keys["root"]], keys["pub"], keys["online"])
     with pytest.raises(MessageError):
         v1.successor(garbage, NOW)
+
+
+def _edited(keyring: Keyring, edit: Callable[[dict[str, Any]], None]) -> bytes:
+    document = json.loads(keyring.raw)
+    edit(document["signed"])
+    return json.dumps(document).encode()
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda signed: signed["roles"]["targets"]["keyids"].append("ab" * 32), "which it does not list"),
+        (lambda signed: [key["keyval"].update(public="zz") for key in signed["keys"].values()], "not hex"),
+        (lambda signed: [key["keyval"].update(public="ab" * 8) for key in signed["keys"].values()], "32 bytes"),
+    ],
+    ids=["dangling-key-id", "key-not-hex", "key-too-short"],
+)
+def test_keys_that_tuf_does_not_check_are_a_message_error(keys, edit, match: str) -> None:
+    # Unsigned edits: parse_keyring must refuse them before any signature is looked at, so
+    # that keys_for() on a keyring that parsed can never raise a KeyError or a ConfigError.
+    v1 = _v1([keys["root"]], keys["pub"], keys["online"])
+    with pytest.raises(MessageError, match=match):
+        parse_keyring(_edited(v1, edit))
+
+
+def test_a_threshold_beyond_the_keys_is_a_config_error(keys) -> None:
+    with pytest.raises(ConfigError, match="threshold 2 with 1 key"):
+        build_keyring(
+            version=1,
+            root_keys=[keys["root"].public_key],
+            root_threshold=2,
+            publisher_keys=[keys["pub"].public_key],
+            publisher_threshold=1,
+            online_keys=[keys["online"].public_key],
+            expires=NOW + timedelta(days=1),
+        )
 
 
 def _store(tmp_path: Path, keyring: Keyring, now: datetime = NOW) -> TrustStore:
