@@ -65,6 +65,15 @@ class _Section(BaseModel):
         except ValidationError as exc:
             raise _config_error(exc, type(self), self.section) from exc
 
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """Make each field's default readable on the class (``ShadowConfig.stop_timeout_s``), as it was
+        when the sections were dataclasses: callers use those as their own parameters' defaults."""
+        super().__pydantic_init_subclass__(**kwargs)
+        for name, info in cls.model_fields.items():
+            if info.default_factory is None and not info.is_required():
+                type.__setattr__(cls, name, info.default)
+
     def replace(self, **changes: Any) -> Self:
         """A copy with ``changes`` applied, validated again (``model_copy`` would not validate)."""
         return type(self)(**{**dict(self), **changes})
