@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from pydantic import TypeAdapter, ValidationError, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -216,7 +216,7 @@ class ServerSettings(BaseSettings):
         for name, raw in from_env.items():
             annotation = cls.model_fields[name].annotation
             try:
-                TypeAdapter(annotation).validate_python(raw)
+                TypeAdapter(cast(Any, annotation)).validate_python(raw)
             except ValidationError as exc:
                 kind = getattr(annotation, "__name__", str(annotation))
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r:.80} is not a valid {kind}") from exc
