@@ -24,7 +24,6 @@ Example (``edgefleet-agent init-config`` writes one)::
     port = 8701
 """
 
-
 from __future__ import annotations
 
 import json
@@ -63,7 +62,7 @@ class _Section(BaseModel):
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise _config_error(exc, type(self), self.section) from exc
+            raise _config_error(exc, self.section) from exc
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -243,7 +242,7 @@ class AgentConfig(BaseSettings):
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise _config_error(exc, type(self), "") from exc
+            raise _config_error(exc, "") from exc
 
     @classmethod
     def settings_customise_sources(
@@ -338,7 +337,7 @@ SECTIONS: dict[str, type[_Section]] = {
 }
 
 
-def _config_error(exc: ValidationError, model: type[BaseModel], section: str) -> ConfigError:
+def _config_error(exc: ValidationError, section: str) -> ConfigError:
     """The first validation error, in the words the agent has always used (key first)."""
     error = exc.errors(include_url=False)[0]
     path = ([section] if section else []) + [str(part) for part in error["loc"] if not isinstance(part, int)]
