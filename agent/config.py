@@ -320,10 +320,12 @@ class AgentConfig(BaseSettings):
             ConfigError: An invalid value, naming its key.
         """
         config = cls(**raw)
+        # model_copy skips validation (and the environment): these values are validated, only made absolute
         trust = config.trust
         if trust.pinned_keyring_file:  # relative to the config file, like data_dir
-            trust = trust.replace(pinned_keyring_file=str((base_dir / trust.pinned_keyring_file).resolve()))
-        return config.replace(data_dir=(base_dir / config.data_dir).resolve(), trust=trust)
+            pinned = str((base_dir / trust.pinned_keyring_file).resolve())
+            trust = trust.model_copy(update={"pinned_keyring_file": pinned})
+        return config.model_copy(update={"data_dir": (base_dir / config.data_dir).resolve(), "trust": trust})
 
 
 SECTIONS: dict[str, type[_Section]] = {
