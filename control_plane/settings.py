@@ -97,9 +97,9 @@ class ServerSettings(BaseSettings):
     bundle_cache_bytes: int = 256 * MIB  # bytes
 
     # -- MQTT client (messaging/bridge.py, shared/link/paho.py)
-    broker_keepalive_s: float = 30.0  # seconds
-    broker_reconnect_min_delay_s: float = 1.0  # seconds; paho's backoff doubles from here
-    broker_reconnect_max_delay_s: float = 30.0  # seconds
+    broker_keepalive_s: int = 30  # seconds (paho takes whole seconds)
+    broker_reconnect_min_delay_s: int = 1  # seconds; paho's backoff doubles from here
+    broker_reconnect_max_delay_s: int = 30  # seconds
     broker_max_inflight_count: int = 20  # QoS 1 messages sent, not yet acknowledged; paho is slower with more
     ingest_queue_max_count: int = 10_000  # messages waiting for the ingest worker
     handler_attempts_count: int = 3  # tries for a message whose handler fails for a reason other than its content
