@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import tomllib
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from edgefleet.agent.config import AgentConfig, ApiConfig, BrokerConfig, TrustConfig, render_config
-from edgefleet.shared.errors import EdgefleetError
+from edgefleet.shared.errors import ConfigError, EdgefleetError
 
 app = typer.Typer(
     help="The edgefleet agent: receives signed model bundles over MQTT and serves them locally.",
@@ -63,8 +64,7 @@ def init_config(
 ) -> None:
     """Write an agent config file."""
     cfg = AgentConfig.from_dict({"device_id": device_id, "data_dir": data_dir}, base_dir=path.parent)
-    cfg = replace(
-        cfg,
+    cfg = cfg.replace(
         broker=BrokerConfig(host=broker_host, port=broker_port),
         trust=TrustConfig(publisher_keys=tuple(publisher_key or ()), online_keys=tuple(online_key or ())),
         api=ApiConfig(port=api_port),
@@ -80,26 +80,60 @@ def enroll(
         str, typer.Option(envvar="EDGEFLEET_ENROLL_TOKEN", help="One-time token from `edgefleet devices enroll`.")
     ],
     config: Annotated[Path, typer.Option("--config", "-c", help="Where to write the agent config (TOML).")],
-    data_dir: Annotated[str, typer.Option(help="Agent state dir, relative to the config file.")] = "agent-data",
-    api_port: Annotated[int, typer.Option(help="Local inference API port (127.0.0.1).")] = 8701,
+    template: Annotated[
+        Path | None,
+        typer.Option(
+            help="An agent config (TOML) to start from: every key but the broker's address and credentials "
+            "and the trust pin, which enrollment decides; device_id and data_dir may be left out."
+        ),
+    ] = None,
+    data_dir: Annotated[
+        str | None, typer.Option(help="Agent state dir, relative to the config file [default: agent-data].")
+    ] = None,
+    api_port: Annotated[int | None, typer.Option(help="Local inference API port (127.0.0.1) [default: 8701].")] = None,
     broker_host: Annotated[str | None, typer.Option(help="Override the broker host the control plane reports.")] = None,
+    broker_port: Annotated[int | None, typer.Option(help="Override the broker port the control plane reports.")] = None,
 ) -> None:
     """Enroll this device: consume a one-time token, pin the keyring, write the agent config."""
     from edgefleet.agent.enrollment import enroll_device, write_enrolled_config
 
     try:
+        raw = _read_template(template)
+        raw["data_dir"] = data_dir or raw.get("data_dir", "agent-data")
+        if api_port is not None:
+            api = raw.get("api", {})
+            raw["api"] = {**api, "port": api_port} if isinstance(api, dict) else api
+        # checked before the token is spent; enrollment decides the device id (relative paths stay
+        # relative: the agent reads them next to its config)
+        base = AgentConfig(**{"device_id": "unenrolled", **raw})
         enrolled = enroll_device(server, token)
     except EdgefleetError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
-    if broker_host:
-        enrolled = replace(enrolled, broker_host=broker_host)
-    template = AgentConfig(device_id=enrolled.device_id, data_dir=Path(data_dir), api=ApiConfig(port=api_port))
-    write_enrolled_config(enrolled, config, template)
+    enrolled = replace(
+        enrolled, broker_host=broker_host or enrolled.broker_host, broker_port=broker_port or enrolled.broker_port
+    )
+    write_enrolled_config(enrolled, config, base)
     typer.echo(
         f"enrolled {enrolled.device_id}: keyring v{enrolled.keyring.version} pinned; "
         f"start with: edgefleet-agent run --config {config}"
     )
+
+
+def _read_template(path: Path | None) -> dict[str, Any]:
+    """The template's TOML table (empty without one).
+
+    Raises:
+        ConfigError: The file cannot be read or is not TOML.
+    """
+    if path is None:
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read template {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 
 
 def main() -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from edgefleet.agent.config import AgentConfig, BrokerConfig, TrustConfig, render_config
+from edgefleet.agent.config import AgentConfig, render_config
 from edgefleet.shared.errors import EdgefleetError, TransferError, TrustError
 from edgefleet.shared.files import atomic_write_bytes
 from edgefleet.shared.trust.keyring import Keyring
@@ -40,8 +40,8 @@ def enroll_device(server: str, token: str, *, timeout_s: float = 30.0) -> Enroll
         raise TransferError(f"cannot reach {server}: {exc}") from exc
     if response.status_code != 200:
         raise TrustError(f"enrollment refused ({response.status_code}): {response.text[:500]}")
-    body = response.json()
     try:
+        body = response.json()
         keyring = Keyring.load_trusted(body["keyring"].encode())
         broker = body["broker"]
         return Enrolled(
@@ -65,17 +65,16 @@ def write_enrolled_config(enrolled: Enrolled, config_path: Path, template: Agent
     """
     config_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(config_path.parent / PINNED_KEYRING_FILE, enrolled.keyring.raw)
-    config = replace(
-        template,
+    config = template.replace(
         device_id=enrolled.device_id,
-        broker=replace(
-            template.broker if template.broker is not None else BrokerConfig(),
+        broker=template.broker.replace(
             host=enrolled.broker_host,
             port=enrolled.broker_port,
             username=enrolled.username,
             password=enrolled.password,
         ),
-        trust=TrustConfig(pinned_keyring_file=PINNED_KEYRING_FILE),
+        # the pinned keyring replaces static keys; the template's trust limits stay
+        trust=template.trust.replace(pinned_keyring_file=PINNED_KEYRING_FILE, publisher_keys=(), online_keys=()),
     )
     atomic_write_bytes(config_path, render_config(config).encode(), mode=0o600)
     return config

@@ -22,6 +22,7 @@ from edgefleet.control_plane.broker.config import (
     load_or_create_ca,
     write_broker_config,
 )
+from edgefleet.control_plane.broker.mosquitto_conf import DeliveryLimits
 from edgefleet.control_plane.client import DEFAULT_API_URL
 from edgefleet.shared.errors import ConfigError, EdgefleetError, TransferError
 
@@ -128,10 +129,10 @@ def config(
     persistence_dir: Annotated[str, typer.Option(help="Mosquitto's database directory.")] = "/var/lib/mosquitto",
     max_queued_messages: Annotated[
         int, typer.Option(help="QoS 1 messages queued per client (mosquitto's default 1000 drops silently).")
-    ] = 100_000,
+    ] = DeliveryLimits.max_queued_messages,
     max_packet_size: Annotated[
         int, typer.Option(help="Largest MQTT packet in bytes; above the control plane's max chunk size.")
-    ] = 2 * 1024 * 1024,
+    ] = DeliveryLimits.max_packet_size_bytes,
     run_as_user: Annotated[str | None, typer.Option(help="Mosquitto's 'user' option (default: its own).")] = None,
     rotate_passwords: Annotated[
         bool, typer.Option(help="New passwords for listed identities (default: keep the entries already in passwd).")

@@ -240,21 +240,23 @@ def devices_agent_config(
     api_url: ApiUrl = DEFAULT_API_URL,
 ) -> None:
     """Write an agent config that pins this control plane's keys and points at its broker."""
-    from edgefleet.agent.config import AgentConfig, ApiConfig, BrokerConfig, TrustConfig, render_config
+    from edgefleet.control_plane.devtools.agent_toml import agent_toml
 
     try:
         with _client(api_url) as client:
             info = client.info()
     except EdgefleetError as exc:
         raise _fail(exc) from exc
-    config = AgentConfig(
-        device_id=device_id,
-        data_dir=Path(data_dir),
-        broker=BrokerConfig(host=info["broker"]["host"], port=info["broker"]["port"]),
-        trust=TrustConfig(publisher_keys=tuple(info["keys"]["publisher"]), online_keys=tuple(info["keys"]["online"])),
-        api=ApiConfig(port=api_port),
+    text = agent_toml(
+        {
+            "device_id": device_id,
+            "data_dir": data_dir,
+            "broker": {"host": info["broker"]["host"], "port": info["broker"]["port"]},
+            "trust": {"publisher_keys": info["keys"]["publisher"], "online_keys": info["keys"]["online"]},
+            "api": {"port": api_port},
+        }
     )
-    out.write_text(render_config(config))
+    out.write_text(text)
     console.print(f"wrote {out}; start the agent with: edgefleet-agent run --config {out}")
 
 

@@ -12,18 +12,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from edgefleet.agent.config import AgentConfig, ApiConfig, BrokerConfig, TransferConfig, render_config
-from edgefleet.agent.enrollment import enroll_device, write_enrolled_config
 from edgefleet.control_plane.broker.embedded import free_port
 from edgefleet.control_plane.client import EdgefleetClient
+from edgefleet.control_plane.devtools.agent_toml import agent_toml
 from edgefleet.shared.errors import EdgefleetError
-from edgefleet.shared.files import atomic_write_bytes
+
+ENROLL_TIMEOUT_S = 60.0  # seconds `edgefleet-agent enroll` may take (a loaded CI machine starts Python slowly)
 
 
 class FleetError(EdgefleetError):
@@ -122,9 +122,9 @@ class LocalFleet:
     broker_tls_ca_file: str | None = None
     broker_tls_cert_file: str | None = None
     broker_tls_key_file: str | None = None
-    # Per device: the [broker] settings its config starts from (TLS files, say); enrollment then
-    # fills in the address and the user name and password the control plane issued.
-    agent_brokers: dict[str, BrokerConfig] = field(default_factory=dict)
+    # Per device: the [broker] keys its config starts from (TLS files, say), as the agent's TOML
+    # names them; enrollment then fills in the address and the user name and password it issued.
+    agent_brokers: dict[str, dict[str, Any]] = field(default_factory=dict)
     bundle_urls: bool = False  # the control plane names its own HTTP bundle URLs in desired states
     control_plane: ManagedProcess | None = None
     api_url: str = ""
@@ -176,20 +176,25 @@ class LocalFleet:
         device_id: str,
         *,
         chunk_size_bytes: int = 64 * 1024,
-        transfer: TransferConfig | None = None,
+        transfer: Mapping[str, Any] | None = None,
         broker_port: int | None = None,
         heartbeat_interval_s: float = 5.0,
     ) -> tuple[Path, int]:
         """Enroll ``device_id`` the way a real device does and write its config; returns (path, api port).
 
-        The agent pins the control plane's current keyring and gets its own broker credentials.
+        Runs ``edgefleet-agent enroll`` with a template config: the agent pins the control plane's
+        current keyring and gets its own broker credentials.
 
         Args:
             device_id: The device to enroll.
             chunk_size_bytes: MQTT chunk size (ignored when ``transfer`` is given).
-            transfer: The whole transfer section, for tests that tune timeouts or the bandwidth cap.
+            transfer: The agent's whole ``[transfer]`` table (its TOML keys), for tests that tune
+                timeouts or the bandwidth cap.
             broker_port: Connect to this port instead of the broker's (e.g. a test's TCP proxy).
             heartbeat_interval_s: Seconds between reported-state heartbeats.
+
+        Raises:
+            FleetError: The enrollment failed (its output is in the message).
         """
         api_port = free_port()
         client = EdgefleetClient(self.api_url)
@@ -197,20 +202,39 @@ class LocalFleet:
             token = client.create_enrollment(device_id)["token"]
         finally:
             client.close()
-        enrolled = enroll_device(self.api_url, token)
-        template = AgentConfig(
-            device_id=device_id,
-            data_dir=Path("data"),
-            broker=self.agent_brokers.get(device_id) or BrokerConfig(reconnect_min_s=1, reconnect_max_s=2),
-            api=ApiConfig(port=api_port),
-            transfer=transfer or TransferConfig(chunk_size_bytes=chunk_size_bytes),
-            heartbeat_interval_s=heartbeat_interval_s,
+        folder = self.workdir / "agents" / device_id
+        folder.mkdir(parents=True, exist_ok=True)
+        template = folder / "agent.template.toml"
+        template.write_text(
+            agent_toml(
+                {
+                    "device_id": device_id,
+                    "data_dir": "data",
+                    "heartbeat_interval_s": heartbeat_interval_s,
+                    "broker": self.agent_brokers.get(device_id) or {"reconnect_min_s": 1.0, "reconnect_max_s": 2.0},
+                    "api": {"port": api_port},
+                    "transfer": dict(transfer) if transfer is not None else {"chunk_size_bytes": chunk_size_bytes},
+                }
+            )
         )
-        path = self.workdir / "agents" / device_id / "agent.toml"
-        config = write_enrolled_config(enrolled, path, template)
+        path = folder / "agent.toml"
+        args = [sys.executable, "-m", "edgefleet.agent", "enroll", "--server", self.api_url, "--config", str(path)]
+        args += ["--template", str(template)]
         if broker_port is not None:
-            config = replace(config, broker=replace(config.broker, port=broker_port))
-            atomic_write_bytes(path, render_config(config).encode(), mode=0o600)
+            args += ["--broker-port", str(broker_port)]
+        try:
+            done = subprocess.run(
+                args,
+                env={**os.environ, "EDGEFLEET_ENROLL_TOKEN": token},  # not on the command line: ps shows those
+                capture_output=True,
+                text=True,
+                timeout=ENROLL_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise FleetError(f"enrolling {device_id} took over {ENROLL_TIMEOUT_S} s") from exc
+        if done.returncode != 0:
+            raise FleetError(f"enrolling {device_id} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
         return path, api_port
 
     def start_agent(

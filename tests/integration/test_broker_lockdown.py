@@ -29,7 +29,6 @@ import paho.mqtt.client as mqtt
 import pytest
 from typer.testing import CliRunner
 
-from edgefleet.agent.config import BrokerConfig
 from edgefleet.control_plane.broker.config import (
     CONTROL_PLANE_USER,
     BrokerPaths,
@@ -523,13 +522,13 @@ def test_control_plane_and_agent_deploy_and_serve_over_tls_with_passwords_and_cl
         broker_tls_cert_file=str(cp_dir / "client.crt"),
         broker_tls_key_file=str(cp_dir / "client.key"),
         agent_brokers={
-            device: BrokerConfig(
-                tls_ca_file=str(paths.client_dir(device) / "ca.crt"),
-                tls_cert_file=str(paths.client_dir(device) / "client.crt"),
-                tls_key_file=str(paths.client_dir(device) / "client.key"),
-                reconnect_min_s=1,
-                reconnect_max_s=1,
-            )
+            device: {
+                "tls_ca_file": str(paths.client_dir(device) / "ca.crt"),
+                "tls_cert_file": str(paths.client_dir(device) / "client.crt"),
+                "tls_key_file": str(paths.client_dir(device) / "client.key"),
+                "reconnect_min_s": 1.0,
+                "reconnect_max_s": 1.0,
+            }
         },
     )
     broker = _start(paths, spec, tmp_path / "run")

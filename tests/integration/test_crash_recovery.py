@@ -34,7 +34,6 @@ import paho.mqtt.client as mqtt
 import pytest
 from tcp_proxy import TcpProxy
 
-from edgefleet.agent.config import TransferConfig
 from edgefleet.agent.deployment.state_store import STATE_FILE, AgentState
 from edgefleet.control_plane.broker.embedded import MosquittoBroker
 from edgefleet.control_plane.client import EdgefleetClient
@@ -413,7 +412,7 @@ def proxied(fleet: Fleet) -> Iterator[Proxied]:
             "net-dev",
             config={
                 "broker_port": proxy.port,
-                "transfer": TransferConfig(chunk_size_bytes=CHUNK_BYTES, chunk_timeout_s=1.0),
+                "transfer": {"chunk_size_bytes": CHUNK_BYTES, "chunk_timeout_s": 1.0},
             },
         )
         try:

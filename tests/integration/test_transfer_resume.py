@@ -23,7 +23,6 @@ import httpx
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefleet.agent.config import TransferConfig
 from edgefleet.control_plane.broker.embedded import MosquittoBroker, free_port
 from edgefleet.control_plane.client import EdgefleetClient
 from edgefleet.control_plane.devtools.demo_models import build_onnx_mlp, make_mlp_weights
@@ -132,9 +131,12 @@ def test_a_transfer_survives_a_broker_restart_and_an_agent_sigkill_without_start
     total = chunk_count(size, CHUNK)
     assert total >= 120, f"the bundle is only {size} bytes"
     # ~4 s for the whole bundle; chunk_timeout_s is long so that no re-request comes from a timeout.
-    transfer = TransferConfig(
-        chunk_size_bytes=CHUNK, window_chunks=WINDOW, chunk_timeout_s=20.0, bandwidth_limit_bytes_per_s=2 * 1024**2
-    )
+    transfer = {
+        "chunk_size_bytes": CHUNK,
+        "window_chunks": WINDOW,
+        "chunk_timeout_s": 20.0,
+        "bandwidth_limit_bytes_per_s": 2 * 1024**2,
+    }
     agent = fleet_.start_agent(device, config={"transfer": transfer})
     fleet_.wait_for_devices(client, [device])
     watcher = RequestWatcher(fresh_mosquitto, device)
@@ -183,9 +185,9 @@ def test_an_agent_that_prefers_http_fetches_from_the_control_plane_without_chunk
 ) -> None:
     fleet_, client = fleet
     _publish(fleet_, client, wide_model)
-    over_http = TransferConfig(http_base_url=fleet_.api_url, prefer_http=True)
+    over_http = {"http_base_url": fleet_.api_url, "prefer_http": True}
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: HTTP fails, MQTT chunks must take over
-    falls_back = TransferConfig(http_base_url=dead, prefer_http=True, http_max_retries=0)
+    falls_back = {"http_base_url": dead, "prefer_http": True, "http_max_retries": 0}
     devices = {"http-dev": over_http, "fallback-dev": falls_back}
     agents = {device: fleet_.start_agent(device, config={"transfer": config}) for device, config in devices.items()}
     fleet_.wait_for_devices(client, list(devices))

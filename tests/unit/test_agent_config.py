@@ -281,3 +281,71 @@ def test_shadow_limits_are_a_config_section() -> None:
     assert AgentConfig.from_dict(tomllib.loads(render_config(config))).shadow.queue_max_samples == 8
     with pytest.raises(ConfigError, match="shadow.queue_max_samples"):
         AgentConfig.from_dict({"device_id": "pi", "data_dir": "d", "shadow": {"queue_max_samples": 0}})
+
+
+# --- environment overrides, limits, copies ----------------------------------------------------
+
+
+def test_environment_variables_override_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('device_id = "pi-1"\ndata_dir = "state"\n\n[broker]\nhost = "mqtt.lan"\nport = 1883\n')
+    monkeypatch.setenv("EDGEFLEET_AGENT_BROKER__PORT", "8883")
+    monkeypatch.setenv("EDGEFLEET_AGENT_HEARTBEAT_INTERVAL_S", "7.5")
+    monkeypatch.setenv("EDGEFLEET_AGENT_TRUST__ONLINE_KEYS", f'["{KEY}"]')
+    monkeypatch.setenv("EDGEFLEET_AGENT_TRANSFER__PREFER_HTTP", "")  # empty = unset
+    config = AgentConfig.load(path)
+    assert (config.broker.host, config.broker.port) == ("mqtt.lan", 8883)  # the rest of [broker] stays
+    assert config.heartbeat_interval_s == 7.5
+    assert config.trust.online_keys == (KEY,)
+    assert config.transfer.prefer_http is False
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("EDGEFLEET_AGENT_BROKER__PORT", "eighty", "broker.port must be a non-negative integer"),
+        ("EDGEFLEET_AGENT_BROKER__PORT", "70000", "broker.port must be 1..65535"),
+        ("EDGEFLEET_AGENT_API__ENABLED", "maybe", "api.enabled must be true or false"),
+        ("EDGEFLEET_AGENT_BROKER__COLOUR", "blue", r"unknown key 'colour' in \[broker\]"),
+    ],
+)
+def test_a_bad_environment_value_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=message):
+        AgentConfig.from_dict(minimal())
+
+
+def test_limits_are_fields_with_units_and_the_former_constants_as_defaults() -> None:
+    config = AgentConfig.from_dict(minimal())
+    assert (config.retry_delay_s, config.retire_grace_s) == (5.0, 5.0)
+    assert config.broker.max_inflight_count == 20
+    assert config.trust.max_pending_versions_count == 64
+    assert (config.transfer.bandwidth_burst_s, config.transfer.poll_s, config.transfer.reconnect_grace_s) == (
+        0.25, 0.25, 0.5
+    )
+    tuned = AgentConfig.from_dict(
+        minimal(retry_delay_s=1, transfer={"poll_s": 0.05}, trust={"max_pending_versions_count": 8})
+    )
+    assert (tuned.retry_delay_s, tuned.transfer.poll_s, tuned.trust.max_pending_versions_count) == (1.0, 0.05, 8)
+    assert AgentConfig.from_dict(tomllib.loads(render_config(tuned))) == tuned
+    with pytest.raises(ConfigError, match="retry_delay_s must be positive"):
+        AgentConfig.from_dict(minimal(retry_delay_s=0))
+
+
+def test_section_defaults_read_on_the_class_as_with_dataclasses() -> None:
+    assert ShadowConfig.latency_reservoir_size == ShadowConfig().latency_reservoir_size == 512
+    assert TransferConfig(window_chunks=4).window_chunks == 4 and TransferConfig.window_chunks == 32
+
+
+def test_configs_are_frozen_and_replace_validates(tmp_path: Path) -> None:
+    config = full_config(tmp_path)
+    with pytest.raises(ValueError, match="frozen"):
+        config.broker.port = 1  # type: ignore[misc]
+    moved = config.replace(broker=config.broker.replace(port=1884))
+    assert (moved.broker.port, moved.broker.host, config.broker.port) == (1884, "broker.local", 8883)
+    with pytest.raises(ConfigError, match="broker.port must be a non-negative integer"):
+        config.broker.replace(port="1884")
+    with pytest.raises(ConfigError, match=r"\[broker\] tls_cert_file and tls_key_file go together"):
+        BrokerConfig(tls_cert_file="/c.pem")

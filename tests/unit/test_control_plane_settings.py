@@ -72,3 +72,43 @@ def test_from_env_reads_edgefleet_variables(tmp_path: Path) -> None:
 def test_invalid_values_are_config_errors(env: dict[str, str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         ServerSettings.from_env(env)
+
+
+def test_limits_are_settings_with_the_former_constants_as_defaults() -> None:
+    settings = ServerSettings()
+    reconnect = (settings.broker_reconnect_min_delay_s, settings.broker_reconnect_max_delay_s)
+    assert (settings.broker_keepalive_s, *reconnect) == (30, 1, 30)
+    assert (settings.broker_max_inflight_count, settings.ingest_queue_max_count, settings.handler_attempts_count) == (
+        20, 10_000, 3
+    )
+    assert (settings.chunk_grant_ttl_s, settings.max_chunk_grants_count) == (2.0, 10_000)
+    assert (settings.bundle_max_open_files_count, settings.bundle_cache_window_divisor_count) == (32, 8)
+    assert (settings.max_description_chars, settings.max_labels_count) == (4096, 64)
+    assert (settings.upload_max_field_bytes, settings.upload_max_parts_count, settings.upload_form_overhead_bytes) == (
+        8 * 1024, 16, 256 * 1024
+    )
+    assert (settings.resign_batch_count, settings.max_page_count, settings.max_enrollment_ttl_s) == (
+        500, 10_000, 7 * 24 * 3600
+    )
+
+
+def test_limits_come_from_the_environment_and_are_checked() -> None:
+    settings = ServerSettings.from_env({"EDGEFLEET_MAX_PAGE_COUNT": "50", "edgefleet_chunk_grant_ttl_s": "0.5"})
+    assert (settings.max_page_count, settings.chunk_grant_ttl_s) == (50, 0.5)
+    with pytest.raises(ConfigError, match="max_page_count must be > 0"):
+        ServerSettings.from_env({"EDGEFLEET_MAX_PAGE_COUNT": "0"})
+    with pytest.raises(ConfigError, match="broker_reconnect_max_delay_s must be at least"):
+        ServerSettings(broker_reconnect_min_delay_s=10, broker_reconnect_max_delay_s=5)
+
+
+def test_settings_are_frozen_and_unknown_ones_refused() -> None:
+    settings = ServerSettings()
+    with pytest.raises(ValueError, match="frozen"):
+        settings.api_port = 1  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="colour"):
+        ServerSettings(colour="blue")  # type: ignore[call-arg]
+
+
+def test_cli_options_win_over_the_environment() -> None:
+    settings = ServerSettings.from_env({"EDGEFLEET_API_PORT": "9000"}, api_port=9100, broker_host=None)
+    assert settings.api_port == 9100 and settings.broker_host is None
