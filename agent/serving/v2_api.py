@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgefleet.agent.config import BatchingConfig
 from edgefleet.agent.serving.batching import BatcherPool
-from edgefleet.shared.errors import InferenceError, MessageError, NotFoundError
+from edgefleet.shared.errors import InferenceError, MessageError, NotFoundError, TooLargeError
 from edgefleet.shared.runtimes.base import LoadedModel
 from edgefleet.shared.tensors import MAX_RANK, NUMPY_TO_V2, V2_TO_NUMPY
 from edgefleet.shared.wire.strict import loads_object
@@ -82,12 +82,6 @@ class ModelRegistry(Protocol):
     def models(self) -> list[LoadedModel]:
         """Return every loaded model."""
         ...
-
-
-class PayloadTooLargeError(MessageError):
-    """The request body is over the configured limit (HTTP 413)."""
-
-    code = "payload_too_large"
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,14 +416,6 @@ def _error(message: str, status: int, headers: Mapping[str, str] | None = None) 
     return response
 
 
-def _status_of(exc: Exception) -> int:
-    if isinstance(exc, NotFoundError):
-        return 404
-    if isinstance(exc, PayloadTooLargeError):
-        return 413
-    return 400
-
-
 async def _receive_body(receive: Receive, declared: bytes | None, max_bytes: int) -> bytes | None:
     """Read the request body from ASGI, refusing to buffer more than ``max_bytes`` of it.
 
@@ -437,7 +423,7 @@ async def _receive_body(receive: Receive, declared: bytes | None, max_bytes: int
         The body, or None if the client disconnected first.
 
     Raises:
-        PayloadTooLargeError: If the body is, or is declared to be, over ``max_bytes``.
+        TooLargeError: If the body is, or is declared to be, over ``max_bytes``.
         MessageError: If Content-Length is not a number.
     """
     if declared is not None:
@@ -446,7 +432,7 @@ async def _receive_body(receive: Receive, declared: bytes | None, max_bytes: int
         except ValueError as exc:
             raise MessageError(f"bad Content-Length {declared!r:.40}") from exc
         if length > max_bytes:
-            raise PayloadTooLargeError(f"request body of {length} bytes is over the {max_bytes}-byte limit")
+            raise TooLargeError(f"request body of {length} bytes is over the {max_bytes}-byte limit")
     chunks: list[bytes] = []
     total = 0
     while True:
@@ -457,7 +443,7 @@ async def _receive_body(receive: Receive, declared: bytes | None, max_bytes: int
         total += len(chunk)
         # Also for chunked bodies, which declare no length: count while reading.
         if total > max_bytes:
-            raise PayloadTooLargeError(f"request body is over the {max_bytes}-byte limit")
+            raise TooLargeError(f"request body is over the {max_bytes}-byte limit")
         if not message.get("more_body", False):
             if not chunks:
                 return chunk
@@ -533,9 +519,9 @@ class _InferHandler:
             payload, json_length = encode_infer_response(
                 model, request.id, outputs, request.output_names, request.binary_outputs, request.all_binary
             )
-        except (MessageError, InferenceError, NotFoundError) as exc:
+        except (MessageError, InferenceError, NotFoundError, TooLargeError) as exc:
             error = json.dumps({"error": exc.message}, separators=(",", ":")).encode()
-            await _send(send, _status_of(exc), error, _JSON_B)
+            await _send(send, exc.http_status, error, _JSON_B)
             return
         if json_length is None:
             await _send(send, 200, payload, _JSON_B)

@@ -15,7 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
-BURST_S = 0.25  # seconds of traffic at the capped rate that may pass at once after an idle spell
+from edgefleet.agent.config import TransferConfig
+from edgefleet.shared.errors import ConfigError
 
 
 class TokenBucket:
@@ -33,10 +34,10 @@ class TokenBucket:
             now: The current time in seconds.
 
         Raises:
-            ValueError: A rate or burst that is not positive.
+            ConfigError: A rate or burst that is not positive.
         """
         if rate_bytes_per_s <= 0 or burst_bytes <= 0:
-            raise ValueError(f"rate and burst must be positive, got {rate_bytes_per_s} B/s and {burst_bytes} B")
+            raise ConfigError(f"rate and burst must be positive, got {rate_bytes_per_s} B/s and {burst_bytes} B")
         self.rate_bytes_per_s = float(rate_bytes_per_s)
         self.burst_bytes = float(burst_bytes)
         self._tokens = float(burst_bytes)
@@ -50,7 +51,7 @@ class TokenBucket:
     def reserve(self, n_bytes: int, now: float) -> float:
         """Take ``n_bytes`` and return how many seconds to wait before moving them (0.0: go now)."""
         if n_bytes < 0:
-            raise ValueError(f"cannot reserve {n_bytes} bytes")
+            raise ConfigError(f"cannot reserve {n_bytes} bytes")
         self._refill(now)
         self._tokens -= n_bytes
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate_bytes_per_s
@@ -73,23 +74,33 @@ class BandwidthLimiter:
         rate_bytes_per_s: int,
         *,
         burst_bytes: int | None = None,
+        burst_s: float = TransferConfig.model_fields["bandwidth_burst_s"].default,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Create a limiter.
 
         Args:
             rate_bytes_per_s: The cap in bytes per second; 0 for no cap.
-            burst_bytes: Bucket size; default :data:`BURST_S` seconds of traffic (at least 1 byte).
+            burst_bytes: Bucket size; default ``burst_s`` seconds of traffic (at least 1 byte).
+            burst_s: Seconds of traffic at the capped rate that may pass at once after an idle spell.
             clock: Monotonic seconds (tests pass a fake one).
+
+        Raises:
+            ConfigError: A negative rate.
         """
         if rate_bytes_per_s < 0:
-            raise ValueError(f"rate_bytes_per_s must be >= 0, got {rate_bytes_per_s}")
+            raise ConfigError(f"rate_bytes_per_s must be >= 0, got {rate_bytes_per_s}")
         self._clock = clock
         self._lock = threading.Lock()
         self._bucket: TokenBucket | None = None
         if rate_bytes_per_s > 0:
-            burst = burst_bytes if burst_bytes is not None else max(1.0, rate_bytes_per_s * BURST_S)
+            burst = burst_bytes if burst_bytes is not None else max(1.0, rate_bytes_per_s * burst_s)
             self._bucket = TokenBucket(rate_bytes_per_s, burst, clock())
+
+    @classmethod
+    def for_transfer(cls, config: TransferConfig) -> BandwidthLimiter:
+        """The limiter a transfer section asks for (its cap and burst)."""
+        return cls(config.bandwidth_limit_bytes_per_s, burst_s=config.bandwidth_burst_s)
 
     @property
     def unlimited(self) -> bool:

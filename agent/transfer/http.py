@@ -88,7 +88,7 @@ class HttpFetcher:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._config = config
         self._base = base.rstrip("/") if base else None
-        self._limiter = limiter or BandwidthLimiter(config.bandwidth_limit_bytes_per_s)
+        self._limiter = limiter or BandwidthLimiter.for_transfer(config)
         self._transport = transport
         self._tls: ssl.SSLContext | None = None  # made once: loading the CA bundle costs 20-90 ms a time
         self.stats = {"requests": 0, "bytes_received": 0, "retries": 0}

@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from edgefleet.agent.transfer.bandwidth import BURST_S, BandwidthLimiter, TokenBucket
+from edgefleet.agent.config import TransferConfig
+from edgefleet.agent.transfer.bandwidth import BandwidthLimiter, TokenBucket
+from edgefleet.shared.errors import ConfigError
 
 
 class FakeClock:
@@ -45,7 +47,7 @@ def test_a_reservation_larger_than_the_burst_waits_for_its_whole_size() -> None:
 @pytest.mark.parametrize("rate", [1_000, 65_536, 3_000_000])
 def test_the_long_run_rate_is_the_cap(rate: int) -> None:
     """A greedy sender that waits exactly what it is told moves rate x time (+ one burst)."""
-    burst = rate * BURST_S
+    burst = rate * TransferConfig().bandwidth_burst_s
     bucket = TokenBucket(rate_bytes_per_s=rate, burst_bytes=burst, now=0.0)
     now, sent, block = 0.0, 0, 16 * 1024
     while now < 10.0:
@@ -65,7 +67,7 @@ def test_a_clock_going_backwards_adds_no_tokens() -> None:
 
 @pytest.mark.parametrize(("rate", "burst"), [(0, 10), (-1, 10), (10, 0)])
 def test_a_bucket_needs_a_positive_rate_and_burst(rate: float, burst: float) -> None:
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ConfigError, match="positive"):
         TokenBucket(rate_bytes_per_s=rate, burst_bytes=burst, now=0.0)
 
 

@@ -31,7 +31,6 @@ KNOWN_OUTSIDE = {
     "edgefleet.agent.deployment.machine.IllegalTransition",  # drawn nowhere
     "edgefleet.agent.deployment.reconciler._Failed",  # derives from Exception
     "edgefleet.agent.serving.shadow.OutputMismatchError",  # derives from ValueError
-    "edgefleet.agent.serving.v2_api.PayloadTooLargeError",  # a second TooLargeError (HTTP 413)
     "edgefleet.agent.transfer.http._AttemptFailed",  # drawn nowhere, no code of its own
     "edgefleet.agent.transfer.mqtt_chunks.Cancelled",  # drawn nowhere
     "edgefleet.control_plane.client.ApiError",  # drawn nowhere
