@@ -1,11 +1,11 @@
 """Desired states: what each device should run, signed with the online key and published retained.
 
 A device's desired state is a pure function of database rows (:func:`desired_state_for`):
-its :class:`~control_plane.tables.Assignment` rows joined to their
-:class:`~control_plane.tables.ModelVersion` rows, a sequence number and a validity window.
+its :class:`~edgefleet.control_plane.db.tables.Assignment` rows joined to their
+:class:`~edgefleet.control_plane.db.tables.ModelVersion` rows, a sequence number and a validity window.
 :class:`DesiredStateService` does the I/O around it:
 
-1. change the assignments (and record a :class:`~control_plane.tables.Deployment` per device),
+1. change the assignments (and record a :class:`~edgefleet.control_plane.db.tables.Deployment` per device),
 2. bump each device's ``desired_sequence`` atomically in the database
    (``UPDATE ... RETURNING``, so two replicas can never sign the same number twice),
 3. sign the new state and store the envelope with the device,
