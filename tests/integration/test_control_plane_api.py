@@ -132,7 +132,7 @@ class MqttDevice:
         self._subscribed: queue.Queue[int] = queue.Queue()
         self._connected = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{device_id}-{uuid.uuid4().hex[:6]}")
-        self.client.on_socket_open = lambda _c, _u, sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.client.on_socket_open = lambda _c, _u, sock: _no_delay(sock)
         self.client.on_connect = lambda *_args: self._connected.set()
         self.client.on_subscribe = lambda _c, _u, mid, *_args: self._subscribed.put(mid)
         self.client.on_message = lambda _c, _u, message: self.received.put(message)
@@ -170,6 +170,10 @@ def make_device(mosquitto: MosquittoBroker) -> Iterator[Callable[[str], MqttDevi
     yield make
     for device in devices:
         device.close()
+
+
+def _no_delay(sock: Any) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _unique(prefix: str) -> str:
@@ -433,10 +437,12 @@ def test_devices_register_by_reporting_and_their_messages_drive_deployments(
         retain=True,
     )
 
-    shown = _eventually(
-        lambda: (r := api.get(f"/api/v1/devices/{device_id}")).status_code == 200 and r.json().get("reported") and r,
-        "the device to register itself",
-    ).json()
+    def registered() -> dict[str, Any] | None:
+        response = api.get(f"/api/v1/devices/{device_id}")
+        return response.json() if response.status_code == 200 and response.json().get("reported") else None
+
+    shown = _eventually(registered, "the device to register itself")
+    assert shown is not None  # _eventually returns only a truthy value
     assert shown["online"] is True
     assert shown["agent"] == {"version": "t"}
     assert device_id in [d["id"] for d in api.get("/api/v1/devices").json()]
