@@ -3,7 +3,7 @@
 Start-up, each step registering its own teardown on one ``ExitStack`` so that a failure half-way
 stops exactly what was started::
 
-    data dirs -> database (tables) -> keys -> bundle store -> broker (embedded unless configured)
+    data dirs -> database (schema upgraded) -> keys -> bundle store -> broker (embedded unless configured)
       -> MQTT bridge (connect, subscribe) -> republish stored desired states -> re-sign scheduler
 
 Stored desired states are published again at start because a crash between a commit and its
@@ -22,27 +22,21 @@ from datetime import UTC, datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
 from sqlalchemy import Engine
 from sqlmodel import Session
 
 from edgefleet.control_plane.api.deps import ControlPlane
-from edgefleet.control_plane.api.routes.core import (
-    edgefleet_error_handler,
-    health_router,
-    router,
-    validation_error_handler,
-)
-from edgefleet.control_plane.api.routes.trust import router as trust_router
+from edgefleet.control_plane.api.errors import install_error_handlers
+from edgefleet.control_plane.api.routes import ROUTERS
 from edgefleet.control_plane.bundles.store import BundleStore
-from edgefleet.control_plane.db.engine import create_db_engine, create_tables
+from edgefleet.control_plane.db.engine import create_db_engine
+from edgefleet.control_plane.db.schema import upgrade_schema
 from edgefleet.control_plane.messaging.bridge import BrokerConnection, MqttBridge
 from edgefleet.control_plane.messaging.ingest import Ingestor
 from edgefleet.control_plane.services.desired_states import DesiredStateService
 from edgefleet.control_plane.services.keyring import KeyringService
 from edgefleet.control_plane.services.keys import load_or_create_keys
 from edgefleet.control_plane.settings import ServerSettings
-from edgefleet.shared.errors import EdgefleetError
 from edgefleet.shared.wire.chunks import HEADER_BYTES
 
 log = logging.getLogger(__name__)
@@ -85,11 +79,9 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], float] = time.ti
         summary="Deploy signed ML model bundles to edge devices over MQTT.",
         lifespan=lifespan,
     )
-    app.add_exception_handler(EdgefleetError, edgefleet_error_handler)
-    app.add_exception_handler(RequestValidationError, validation_error_handler)
-    app.include_router(health_router)
-    app.include_router(router)
-    app.include_router(trust_router)
+    install_error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
     return app
 
 
@@ -99,11 +91,9 @@ def _start(settings: ServerSettings, clock: Callable[[], float], stack: ExitStac
 
     engine = create_db_engine(settings.database_url)
     stack.callback(engine.dispose)
-    create_tables(engine)
+    upgrade_schema(engine)
 
-    keys = load_or_create_keys(data_dir / "keys")
-    keyring = KeyringService(data_dir / "keys", keys)
-    keys = keyring.keys
+    keyring = KeyringService(data_dir / "keys", load_or_create_keys(data_dir / "keys"))
     store = BundleStore(data_dir / "bundles", cache_bytes=settings.bundle_cache_bytes)
     stack.callback(store.close)
 
@@ -138,7 +128,7 @@ def _start(settings: ServerSettings, clock: Callable[[], float], stack: ExitStac
         clock=clock,
     )
     desired = DesiredStateService(
-        bridge, keys.online, ttl_s=settings.desired_state_ttl_s, bundle_base_url=settings.public_url
+        bridge, keyring.keys.online, ttl_s=settings.desired_state_ttl_s, bundle_base_url=settings.public_url
     )
     bridge.start()
     stack.callback(bridge.stop)
@@ -173,16 +163,15 @@ def _start(settings: ServerSettings, clock: Callable[[], float], stack: ExitStac
     return ControlPlane(
         settings=settings,
         engine=engine,
-        keys=keys,
         store=store,
         desired=desired,
         ingestor=ingestor,
         bridge=bridge,
+        keyring=keyring,
         broker_host=broker_host,
         broker_port=broker_port,
         broker_kind=broker_kind,
         clock=clock,
-        keyring=keyring,
     )
 
 

@@ -1,6 +1,6 @@
 """A small Python SDK for the control plane's REST API (used by the CLI, the demo and notebooks).
 
->>> from control_plane.client import EdgefleetClient
+>>> from edgefleet.control_plane.client import EdgefleetClient
 >>> with EdgefleetClient("http://127.0.0.1:8700") as ef:
 ...     ef.push_model("model.onnx", name="classifier", version="1.0.0")
 ...     ef.deploy("classifier", "1.0.0", devices=["pi-01"])

@@ -1,4 +1,10 @@
-"""What a route can ask for: the running control plane's parts and a database session."""
+"""What a route can ask for: the running control plane's parts and a database session.
+
+Dependency aliases in the full-stack-fastapi-template style: a route names ``SessionDep`` or
+``ControlPlaneDep`` as a parameter type and FastAPI provides it. Authentication (issue 8:
+tokens, roles, audit) attaches here, as one more alias (a ``PrincipalDep``) that routes
+declare, so that which route needs which role stays readable in the route's signature.
+"""
 
 from __future__ import annotations
 
@@ -20,22 +26,37 @@ from edgefleet.control_plane.services.keys import ControlPlaneKeys
 from edgefleet.control_plane.settings import ServerSettings
 
 
-@dataclass
+@dataclass(frozen=True)
 class ControlPlane:
-    """The parts the app's lifespan starts, kept on ``app.state.control_plane``."""
+    """The parts the app's lifespan starts, kept on ``app.state.control_plane``.
+
+    Frozen: a part that changes while the control plane runs (the keyring and its keys) is
+    owned by its service and read from it each time.
+    """
 
     settings: ServerSettings
     engine: Engine
-    keys: ControlPlaneKeys
     store: BundleStore
     desired: DesiredStateService
     ingestor: Ingestor
     bridge: MqttBridge
+    keyring: KeyringService
     broker_host: str
     broker_port: int
     broker_kind: str  # "mosquitto" | "amqtt" (embedded) | "external"
     clock: Callable[[], float] = field(default=time.time)
-    keyring: KeyringService | None = None
+
+    @property
+    def keys(self) -> ControlPlaneKeys:
+        """The keys the control plane signs with now."""
+        return self.keyring.keys
+
+    def device_broker(self) -> tuple[str, int]:
+        """The broker address devices are told to use (the settings may name another than ours)."""
+        return (
+            self.settings.device_broker_host or self.broker_host,
+            self.settings.device_broker_port or self.broker_port,
+        )
 
 
 def get_control_plane(request: Request) -> ControlPlane:

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgefleet.control_plane.cli.broker import app as broker_app
+from edgefleet.control_plane.cli.db import app as db_app
 from edgefleet.control_plane.client import DEFAULT_API_URL, EdgefleetClient
 from edgefleet.shared.errors import EdgefleetError
 
@@ -25,6 +26,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(devices_app, name="devices")
 app.add_typer(deployments_app, name="deployments")
 app.add_typer(broker_app, name="broker")
+app.add_typer(db_app, name="db")
 keys_app = typer.Typer(help="Publisher keys and keyring rotation.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 console = Console()

@@ -34,7 +34,8 @@ def create_db_engine(database_url: str) -> Engine:
         database_url: A SQLAlchemy URL: ``sqlite:///path.db`` or ``postgresql+psycopg://...``.
 
     Returns:
-        The engine; call :func:`create_tables` before first use.
+        The engine; bring its schema up to date with
+        :func:`edgefleet.control_plane.db.schema.upgrade_schema` before first use.
 
     Raises:
         ConfigError: The URL does not parse.
@@ -72,6 +73,10 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 def create_tables(engine: Engine) -> None:
-    """Create any missing table (existing ones are left as they are)."""
+    """Create the current tables directly, without migrations (existing ones are left as they are).
+
+    For tests and throwaway databases only: a control plane's database is brought up to date
+    by :func:`edgefleet.control_plane.db.schema.upgrade_schema`, which also records the revision.
+    """
     SQLModel.metadata.create_all(engine)
 

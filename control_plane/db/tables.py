@@ -1,15 +1,16 @@
-"""The control plane's database tables and their API shapes (SQLModel).
+"""The control plane's database tables (SQLModel ``table=True`` classes); the API's shapes are in
+:mod:`edgefleet.control_plane.api.schemas`.
 
-Per resource, in the full-stack-fastapi-template style: a ``Base`` with the shared fields, the
-``table=True`` class, and ``Public`` / ``Create`` variants for API bodies.
+Every change to these classes needs a migration in :mod:`edgefleet.control_plane.db.migrations`
+(``tests/integration/test_migrations.py`` fails while the two differ).
 
 - :class:`Device`: one row per device, created when it first reports (or by ``POST /devices``).
 - :class:`ModelVersion`: one published bundle per (name, version); the bundle file itself is in
   the :class:`~control_plane.bundle_store.BundleStore`, addressed by ``bundle_digest``.
 - :class:`Assignment`: what a device should run, one version per model name: the rows the
   desired state is computed from.
-- :class:`ShadowAssignment`: a candidate version a device runs beside its assigned one, on
-  sampled inputs, never serving it (at most one per device and model).
+- :class:`Shadow`: a candidate version a device runs beside its assigned one, on sampled
+  inputs, never serving it (one row per device and model, kept once removed: see the class).
 - :class:`Deployment`: one request to put a version on a device, and how it ended.
 - :class:`DeviceEvent`: events as received, unique by ``event_id`` so ingest is idempotent.
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
 
 from sqlalchemy import ColumnElement, DateTime, Index, String, Text, UniqueConstraint, and_
 from sqlalchemy.engine import Dialect
@@ -101,31 +101,10 @@ class Device(SQLModel, table=True):
     broker_password_hash: str = Field(default="", max_length=256)
 
 
-class DeviceCreate(SQLModel):
-    """``POST /api/v1/devices``: register a device before its agent first reports."""
-
-    id: str = Field(max_length=128, schema_extra={"pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"})
 
 
-class AssignmentPublic(SQLModel):
-    """A model version a device should run."""
-
-    model_name: str
-    version: str
 
 
-class DevicePublic(SQLModel):
-    """A device as the API shows it."""
-
-    id: str
-    created_at: datetime
-    last_seen_at: datetime | None
-    online: bool
-    desired_sequence: int
-    applied_sequence: int
-    reported: dict[str, Any] | None = Field(description="The device's last reported state, as it sent it.")
-    agent: dict[str, str]
-    assignments: list[AssignmentPublic]
 
 
 # --- models --------------------------------------------------------------------------------
@@ -146,27 +125,8 @@ class ModelVersion(SQLModel, table=True):
     created_at: datetime = Field(sa_type=UTCDateTime)
 
 
-class TensorSpecPublic(SQLModel):
-    """A model input or output (Open Inference Protocol datatype; ``-1`` = any size)."""
-
-    name: str
-    datatype: str
-    shape: list[int]
 
 
-class ModelVersionPublic(SQLModel):
-    """A model version as the API shows it."""
-
-    name: str
-    version: str
-    runtime: str
-    bundle_digest: str
-    bundle_size: int
-    inputs: list[TensorSpecPublic]
-    outputs: list[TensorSpecPublic]
-    description: str
-    labels: dict[str, str]
-    created_at: datetime
 
 
 # --- assignments and deployments -----------------------------------------------------------
@@ -190,79 +150,50 @@ def assigned_version() -> ColumnElement[bool]:
     )
 
 
-class ShadowAssignment(SQLModel, table=True):
-    """A candidate version of ``model_name`` that ``device_id`` runs beside its assigned version.
+class Shadow(SQLModel, table=True):
+    """The candidate version of ``model_name`` that ``device_id`` runs beside its assigned one.
 
-    A table of its own rather than columns on :class:`Assignment`: :func:`create_tables` adds a
-    missing table to an existing database, never a missing column to an existing table.
+    One row per (device, model). Removing a shadow (``DELETE /shadows``, promotion, unassigning
+    the model) sets ``removed_at`` and keeps the row: the device goes on reporting the shadow
+    until it applies the new desired state, and the API lists it (with ``version`` null) from
+    this row until then. ``bundle_digest`` is the candidate's, copied at creation, so chunk
+    grants need no join; a published version's digest never changes.
     """
 
-    __table_args__ = (UniqueConstraint("device_id", "model_name", name="uq_shadow_device_model"),)
+    # A unique index rather than a constraint: SQLite can add one to an existing table.
+    __table_args__ = (Index("uq_shadow_device_model", "device_id", "model_name", unique=True),)
 
     id: int | None = Field(default=None, primary_key=True)
-    device_id: str = Field(foreign_key="device.id", index=True, max_length=128)
+    device_id: str = Field(foreign_key="device.id", max_length=128)
     model_name: str = Field(max_length=64)
     version: str = Field(max_length=64)
+    bundle_digest: str = Field(max_length=71)
     sample_rate: float  # fraction of requests mirrored, (0, 1]
     created_at: datetime = Field(sa_type=UTCDateTime)
+    removed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+# The name messaging/ingest.py still imports; the tables and services use Shadow.
+ShadowAssignment = Shadow
+
+
+def active_shadow() -> ColumnElement[bool]:
+    """Filter: the :class:`Shadow` rows still asked for (not removed)."""
+    return col(Shadow.removed_at).is_(None)
 
 
 def shadow_version() -> ColumnElement[bool]:
-    """Join condition: the :class:`ModelVersion` a :class:`ShadowAssignment` names."""
+    """Join condition: the :class:`ModelVersion` an active (not removed) :class:`Shadow` names."""
     return and_(
-        col(ShadowAssignment.model_name) == col(ModelVersion.name),
-        col(ShadowAssignment.version) == col(ModelVersion.version),
+        col(Shadow.model_name) == col(ModelVersion.name),
+        col(Shadow.version) == col(ModelVersion.version),
+        active_shadow(),
     )
 
 
-class ShadowCreate(SQLModel):
-    """``POST /api/v1/shadows``: run a candidate version beside the serving one on some devices."""
-
-    model: str = Field(max_length=64, description="Model name; every device must already run it.")
-    version: str = Field(max_length=64, description="The candidate: a published version with the same inputs.")
-    devices: list[str] = Field(min_length=1, max_length=1000, description="Device ids.")
-    sample_rate: float = Field(description="Fraction of requests mirrored to the candidate, in (0, 1].")
-
-
-class ShadowReportPublic(SQLModel):
-    """A device's last report of a shadow (``shared.messages.ShadowReport``), as it sent it."""
-
-    serving_version: str
-    version: str
-    bundle_digest: str
-    state: str = Field(description='"running" or "failed".')
-    samples: int = Field(description="Rows compared (a request of batch B adds B).")
-    agreements: int = Field(description="Rows whose top-1 (argmax of the first output) agreed.")
-    errors: int = Field(description="Mirrored requests the candidate failed on.")
-    mean_abs_diff: float
-    max_abs_diff: float
-    latency_p50_ms: float
-    serving_latency_p50_ms: float
-    message: str
-
-
-class ShadowPublic(SQLModel):
-    """A shadow on one device: what the control plane asks for and what the device last reported."""
-
-    device_id: str
-    model_name: str
-    serving_version: str | None = Field(description="The version assigned to the device.")
-    version: str | None = Field(description="The candidate asked for; null once removed but still reported.")
-    sample_rate: float | None
-    agreement: float | None = Field(description="report.agreements / report.samples; null before any sample.")
-    report: ShadowReportPublic | None = Field(description="The device's last report of this model's shadow.")
-    reported_ts: float | None = Field(description="Unix seconds (device clock) of that report.")
-
-
-class DeploymentCreate(SQLModel):
-    """``POST /api/v1/deployments``: put one model version on some devices."""
-
-    model: str = Field(max_length=64, description="Model name.")
-    version: str = Field(max_length=64)
-    devices: list[str] = Field(min_length=1, max_length=1000, description="Device ids.")
-
-
 class DeploymentBase(SQLModel):
+    """The fields a deployment row and its API shape share."""
+
     device_id: str = Field(max_length=128)
     model_name: str = Field(max_length=64)
     version: str = Field(max_length=64)
@@ -284,14 +215,6 @@ class Deployment(DeploymentBase, table=True):
     message: str = Field(default="", sa_type=Text)
     created_at: datetime = Field(sa_type=UTCDateTime)
     updated_at: datetime = Field(sa_type=UTCDateTime)
-
-
-class DeploymentPublic(DeploymentBase):
-    """A deployment as the API shows it."""
-
-    id: int
-    created_at: datetime
-    updated_at: datetime
 
 
 # --- events --------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """Desired states: what each device should run, signed with the online key and published retained.
 
 A device's desired state is a pure function of database rows (:func:`desired_state_for`):
-its :class:`~control_plane.tables.Assignment` rows joined to their
-:class:`~control_plane.tables.ModelVersion` rows, a sequence number and a validity window.
+its :class:`~edgefleet.control_plane.db.tables.Assignment` rows joined to their
+:class:`~edgefleet.control_plane.db.tables.ModelVersion` rows, a sequence number and a validity window.
 :class:`DesiredStateService` does the I/O around it:
 
-1. change the assignments (and record a :class:`~control_plane.tables.Deployment` per device),
+1. change the assignments (and record a :class:`~edgefleet.control_plane.db.tables.Deployment` per device),
 2. bump each device's ``desired_sequence`` atomically in the database
    (``UPDATE ... RETURNING``, so two replicas can never sign the same number twice),
 3. sign the new state and store the envelope with the device,
@@ -39,7 +39,8 @@ from edgefleet.control_plane.db.tables import (
     DeploymentStatus,
     Device,
     ModelVersion,
-    ShadowAssignment,
+    Shadow,
+    active_shadow,
     assigned_version,
     shadow_version,
 )
@@ -197,7 +198,7 @@ class DesiredStateService:
                     assignment.version = version
                     session.add(assignment)
                 _supersede_pending(session, device_id, model_name, now)
-                _drop_shadows(session, [device_id], model_name, only_version=version)  # promoted
+                _remove_shadows(session, [device_id], model_name, now, only_version=version)  # promoted
             session.flush()
             _check_model_counts(session, ids)
             issued += [self._issue(session, device_id, now) for device_id in ids]
@@ -245,7 +246,7 @@ class DesiredStateService:
             for assignment in assignments:
                 session.delete(assignment)
                 _supersede_pending(session, assignment.device_id, model_name, now)
-            _drop_shadows(session, changed, model_name)
+            _remove_shadows(session, changed, model_name, now)
             session.flush()
             issued += [self._issue(session, device_id, now) for device_id in changed]
         log.info("unassigned %s from %d device(s)", model_name, len(changed))
@@ -260,7 +261,7 @@ class DesiredStateService:
         sample_rate: float,
         *,
         now: float,
-    ) -> list[ShadowAssignment]:
+    ) -> list[Shadow]:
         """Run ``version`` of ``model_name`` as a shadow beside the serving version on ``device_ids``.
 
         Replaces any shadow of that model on those devices, then signs and publishes each
@@ -312,13 +313,15 @@ class DesiredStateService:
                         f"version {serving_version!r} takes {[t.to_dict() for t in served]}: a shadow must take "
                         "the same inputs"
                     )
-            _drop_shadows(session, ids, model_name)
+            # Replaced, not kept: the new row is the one the device will report.
+            session.exec(delete(Shadow).where(col(Shadow.device_id).in_(ids), col(Shadow.model_name) == model_name))
             session.flush()
             rows = [
-                ShadowAssignment(
+                Shadow(
                     device_id=device_id,
                     model_name=model_name,
                     version=version,
+                    bundle_digest=candidate.bundle_digest,
                     sample_rate=sample_rate,
                     created_at=_utc(now),
                 )
@@ -348,15 +351,15 @@ class DesiredStateService:
             _require_devices(session, ids)
             changed = list(
                 session.exec(
-                    select(ShadowAssignment.device_id).where(
-                        col(ShadowAssignment.device_id).in_(ids), ShadowAssignment.model_name == model_name
+                    select(Shadow.device_id).where(
+                        col(Shadow.device_id).in_(ids), Shadow.model_name == model_name, active_shadow()
                     )
                 ).all()
             )
             if not changed:
                 session.rollback()
                 return []
-            _drop_shadows(session, changed, model_name)
+            _remove_shadows(session, changed, model_name, now)
             session.flush()
             issued += [self._issue(session, device_id, now) for device_id in changed]
         log.info("stopped the shadow of %s on %d device(s)", model_name, len(changed))
@@ -457,9 +460,9 @@ class DesiredStateService:
             .where(Assignment.device_id == device_id)
         ).all()
         shadows = session.exec(
-            select(ModelVersion, ShadowAssignment.sample_rate)
-            .join(ShadowAssignment, shadow_version())
-            .where(ShadowAssignment.device_id == device_id)
+            select(ModelVersion, Shadow.sample_rate)
+            .join(Shadow, shadow_version())
+            .where(Shadow.device_id == device_id)
         ).all()
         state = desired_state_for(
             device_id,
@@ -504,15 +507,21 @@ def _model_version(session: Session, name: str, version: str) -> ModelVersion:
     return row
 
 
-def _drop_shadows(
-    session: Session, device_ids: Sequence[str], model_name: str, only_version: str | None = None
+def _remove_shadows(
+    session: Session, device_ids: Sequence[str], model_name: str, now: float, only_version: str | None = None
 ) -> None:
-    """Delete the shadow assignments of ``model_name`` on ``device_ids`` (of one version only, if given)."""
-    statement = delete(ShadowAssignment).where(
-        col(ShadowAssignment.device_id).in_(device_ids), col(ShadowAssignment.model_name) == model_name
+    """Mark the active shadows of ``model_name`` on ``device_ids`` removed (of one version only, if given).
+
+    The rows stay (see :class:`~edgefleet.control_plane.db.tables.Shadow`): the API lists a
+    removed shadow for as long as its device still reports it.
+    """
+    statement = (
+        update(Shadow)
+        .where(col(Shadow.device_id).in_(device_ids), col(Shadow.model_name) == model_name, active_shadow())
+        .values(removed_at=_utc(now))
     )
     if only_version is not None:
-        statement = statement.where(col(ShadowAssignment.version) == only_version)
+        statement = statement.where(col(Shadow.version) == only_version)
     session.exec(statement)
 
 

@@ -6,20 +6,29 @@ fleet move it offline and sign new versions with ``edgefleet keys`` where it is 
 files; optional once CI signs with its own key), and ``keyring/<N>.json``, every version ever
 issued. All versions are published retained on ``edgefleet/v1/trust/keyring/<N>`` so an agent
 that missed several rotations catches up in order.
+
+:class:`KeyringService` is the one owner of the current version and keys: readers ask it each
+time (``current``, ``keys``) rather than keep a copy. :func:`rotate_keyring` is the whole rule
+of a rotation: issue the next version, publish it, and re-sign desired states with a new
+online key.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlmodel import Session
 
 from edgefleet.control_plane.messaging.publisher import MessagePublisher
+from edgefleet.control_plane.services.desired_states import DesiredStateService
 from edgefleet.control_plane.services.keys import ONLINE_KEY_FILE, ControlPlaneKeys
-from edgefleet.shared.errors import ConfigError, TrustError
+from edgefleet.shared.errors import ConfigError, MessageError, TrustError
 from edgefleet.shared.files import atomic_write_bytes
 from edgefleet.shared.trust.keyring import (
     DEFAULT_KEYRING_LIFETIME,
@@ -31,7 +40,7 @@ from edgefleet.shared.trust.keyring import (
     next_version,
     sign_keyring,
 )
-from edgefleet.shared.trust.signing import SigningKey
+from edgefleet.shared.trust.signing import SigningKey, public_key_from_hex
 from edgefleet.shared.wire.topics import keyring_topic
 
 log = logging.getLogger(__name__)
@@ -46,7 +55,7 @@ class KeyringService:
         self._versions_dir = keys_dir / "keyring"
         self._versions_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self.keys = keys
+        self._keys = keys
         self._root_key = SigningKey.load_or_create(keys_dir / ROOT_KEY_FILE)
         versions = sorted(int(p.stem) for p in self._versions_dir.glob("*.json") if p.stem.isdigit())
         if not versions:
@@ -67,7 +76,13 @@ class KeyringService:
 
     @property
     def current(self) -> Keyring:
+        """The newest keyring version."""
         return self._current
+
+    @property
+    def keys(self) -> ControlPlaneKeys:
+        """The keys the control plane signs with now (the online key changes with a rotation)."""
+        return self._keys
 
     def raw(self, version: int) -> bytes:
         """The signed bytes of one version; FileNotFoundError if it was never issued."""
@@ -122,10 +137,10 @@ class KeyringService:
                 self._root_key = new_root
             if new_online is not None:
                 atomic_write_bytes(
-                    self._dir / f"online-{self._current.version}.pem", self.keys.online.to_pem(), mode=0o600
+                    self._dir / f"online-{self._current.version}.pem", self._keys.online.to_pem(), mode=0o600
                 )
                 atomic_write_bytes(self._dir / ONLINE_KEY_FILE, new_online.to_pem(), mode=0o600)
-                self.keys = ControlPlaneKeys(publisher=self.keys.publisher, online=new_online)
+                self._keys = ControlPlaneKeys(publisher=self._keys.publisher, online=new_online)
             self._current = keyring
             log.info(
                 "keyring v%d issued (root %s, publishers %s, online %s)",
@@ -141,6 +156,64 @@ class KeyringService:
         if path.exists():
             raise TrustError(f"keyring v{keyring.version} already exists")
         atomic_write_bytes(path, keyring.raw)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyringChange:
+    """What the next keyring version changes; None / False leave a role as it is."""
+
+    publisher_keys: Sequence[str] | None = None  # hex Ed25519 public keys, replacing all
+    publisher_threshold: int | None = None
+    rotate_online: bool = False
+    rotate_root: bool = False
+
+
+def rotate_keyring(
+    session: Session,
+    keyring: KeyringService,
+    desired: DesiredStateService,
+    publisher: MessagePublisher,
+    change: KeyringChange,
+    *,
+    now: float,
+) -> Keyring:
+    """Issue the next keyring version, publish every version, and re-sign desired states if the
+    online key changed (after the publish: agents need the new version to verify them).
+
+    Args:
+        session: Database session with no transaction of its own in progress.
+        keyring: The owner of the versions and keys.
+        desired: Re-signs every desired state with a new online key.
+        publisher: Where keyring versions go (retained).
+        change: What changes.
+        now: Unix seconds (signing time of re-signed desired states).
+
+    Returns:
+        The new version.
+
+    Raises:
+        MessageError: A publisher key is not hex Ed25519, or the threshold is above the number
+            of keys.
+    """
+    publisher_keys = None
+    if change.publisher_keys is not None:
+        try:
+            publisher_keys = [public_key_from_hex(k) for k in change.publisher_keys]
+        except ConfigError as exc:
+            raise MessageError(str(exc)) from exc
+    try:
+        issued, new_online = keyring.rotate(
+            publisher_keys=publisher_keys,
+            publisher_threshold=change.publisher_threshold,
+            rotate_online=change.rotate_online,
+            rotate_root=change.rotate_root,
+        )
+    except ValueError as exc:  # from the keyring builder: a threshold above the number of keys
+        raise MessageError(str(exc)) from exc
+    keyring.publish_all(publisher)
+    if new_online is not None:
+        desired.rotate_online_key(session, new_online, now=now)
+    return issued
 
 
 def _ids(keyring: Keyring, role: str) -> list[str]:

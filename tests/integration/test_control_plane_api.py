@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,11 +29,13 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from paho.mqtt.enums import CallbackAPIVersion
+from sqlalchemy import text
 from sqlmodel import SQLModel
 
 from edgefleet.control_plane.app import create_app
 from edgefleet.control_plane.broker.embedded import MosquittoBroker, free_port
 from edgefleet.control_plane.db.engine import create_db_engine
+from edgefleet.control_plane.db.schema import VERSION_TABLE, baseline_metadata, current_revision, head_revision
 from edgefleet.control_plane.devtools.demo_models import build_onnx_mlp, make_mlp_weights
 from edgefleet.control_plane.settings import ServerSettings
 from edgefleet.shared.bundle.format import sha256_file, verify_bundle
@@ -85,6 +88,8 @@ def server(mosquitto: MosquittoBroker, tmp_path_factory: pytest.TempPathFactory)
     if database_url:
         engine = create_db_engine(database_url)
         SQLModel.metadata.drop_all(engine)
+        with engine.begin() as connection:  # or the empty database would pass for one at head
+            connection.execute(text(f"DROP TABLE IF EXISTS {VERSION_TABLE}"))
         engine.dispose()
     settings = ServerSettings(
         data_dir=tmp_path_factory.mktemp("control-plane"),
@@ -127,7 +132,7 @@ class MqttDevice:
         self._subscribed: queue.Queue[int] = queue.Queue()
         self._connected = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{device_id}-{uuid.uuid4().hex[:6]}")
-        self.client.on_socket_open = lambda _c, _u, sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.client.on_socket_open = lambda _c, _u, sock: _no_delay(sock)
         self.client.on_connect = lambda *_args: self._connected.set()
         self.client.on_subscribe = lambda _c, _u, mid, *_args: self._subscribed.put(mid)
         self.client.on_message = lambda _c, _u, message: self.received.put(message)
@@ -165,6 +170,10 @@ def make_device(mosquitto: MosquittoBroker) -> Iterator[Callable[[str], MqttDevi
     yield make
     for device in devices:
         device.close()
+
+
+def _no_delay(sock: Any) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _unique(prefix: str) -> str:
@@ -428,10 +437,12 @@ def test_devices_register_by_reporting_and_their_messages_drive_deployments(
         retain=True,
     )
 
-    shown = _eventually(
-        lambda: (r := api.get(f"/api/v1/devices/{device_id}")).status_code == 200 and r.json().get("reported") and r,
-        "the device to register itself",
-    ).json()
+    def registered() -> dict[str, Any] | None:
+        response = api.get(f"/api/v1/devices/{device_id}")
+        return response.json() if response.status_code == 200 and response.json().get("reported") else None
+
+    shown = _eventually(registered, "the device to register itself")
+    assert shown is not None  # _eventually returns only a truthy value
     assert shown["online"] is True
     assert shown["agent"] == {"version": "t"}
     assert device_id in [d["id"] for d in api.get("/api/v1/devices").json()]
@@ -542,6 +553,44 @@ def test_the_openapi_document_describes_every_route(api: httpx.Client) -> None:
     assert paths["/api/v1/deployments"]["post"]["responses"]["404"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ErrorResponse"
     }
+
+
+# --- the schema ---------------------------------------------------------------------------------
+
+
+def test_a_database_from_before_migrations_is_upgraded_when_the_control_plane_starts(
+    mosquitto: MosquittoBroker, tmp_path: Path, onnx_model: Path
+) -> None:
+    data_dir = tmp_path / "cp"
+    data_dir.mkdir()
+    url = f"sqlite:///{data_dir / 'edgefleet.db'}"
+    engine = create_db_engine(url)
+    tables = baseline_metadata()
+    tables.create_all(engine)  # what every start did before migrations
+    created = datetime(2026, 11, 1)
+    with engine.begin() as connection:
+        connection.execute(
+            tables.tables["device"].insert(),
+            [{"id": "old-device", "created_at": created, "online": False, "desired_sequence": 0,
+              "desired_envelope": "", "applied_sequence": 0, "reported_json": "", "agent_json": "{}",
+              "broker_password_hash": ""}],
+        )
+    settings = ServerSettings(
+        data_dir=data_dir,
+        broker_host=mosquitto.host,
+        broker_port=mosquitto.port,
+        client_id_suffix=f"test-{uuid.uuid4().hex[:8]}",
+    )
+    uv, thread, base_url = _serve(create_app(settings))
+    try:
+        assert current_revision(engine) == head_revision()
+        device = httpx.get(f"{base_url}/api/v1/devices/old-device").json()
+        assert (device["id"], device["created_at"]) == ("old-device", "2026-11-01T00:00:00Z")
+        assert httpx.get(f"{base_url}/api/v1/shadows").json() == []
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)
+        engine.dispose()
 
 
 # --- the embedded broker -----------------------------------------------------------------------

@@ -167,3 +167,31 @@ async def receive_upload(request: Request, dest: Path, *, max_file_bytes: int) -
     if not reader.have_file:
         raise MessageError(f"the form has no file part named {FILE_FIELD!r}")
     return upload
+
+
+async def receive_body(request: Request, path: Path, *, max_bytes: int, what: str) -> int:
+    """Stream a raw (``application/octet-stream``) body to ``path``, refusing it past ``max_bytes``.
+
+    Args:
+        request: The request whose body is read.
+        path: Where the bytes go (the caller removes it).
+        max_bytes: Largest body accepted.
+        what: What the body is, for error messages ("the bundle").
+
+    Returns:
+        The number of bytes received.
+
+    Raises:
+        TooLargeError: The body passed ``max_bytes`` (reading stopped there).
+        MessageError: The body is empty.
+    """
+    received = 0
+    with path.open("wb") as f:
+        async for block in request.stream():
+            received += len(block)
+            if received > max_bytes:
+                raise TooLargeError(f"{what} is over the {max_bytes}-byte upload limit")
+            f.write(block)
+    if received == 0:
+        raise MessageError(f"empty body: send {what} bytes as application/octet-stream")
+    return received

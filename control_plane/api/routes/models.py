@@ -1,0 +1,120 @@
+"""``/api/v1/models``: publish a model file (signed here into a bundle) and read the catalog."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastapi import APIRouter, Request, status
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
+
+from edgefleet.control_plane.api.deps import ControlPlane, ControlPlaneDep, SessionDep
+from edgefleet.control_plane.api.errors import error_responses
+from edgefleet.control_plane.api.schemas import ModelVersionPublic, model_version_public
+from edgefleet.control_plane.api.uploads import FILE_FIELD, receive_upload
+from edgefleet.control_plane.services.catalog import get_model_version, list_model_versions
+from edgefleet.control_plane.services.publishing import infer_runtime, publish_model
+from edgefleet.shared.errors import MessageError
+
+router = APIRouter(prefix="/api/v1", tags=["models"])
+
+_UPLOAD_FIELDS = {"name", "version", "runtime", "description", "labels"}
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [FILE_FIELD, "name", "version"],
+                    "properties": {
+                        FILE_FIELD: {"type": "string", "format": "binary", "description": "An .onnx or .tflite file."},
+                        "name": {"type": "string", "description": "Model name, [a-z0-9._-], at most 64 chars."},
+                        "version": {"type": "string", "description": "Version, [A-Za-z0-9._+-], at most 64 chars."},
+                        "runtime": {"type": "string", "enum": ["onnx", "tflite"],
+                                    "description": "Default: from the file's extension."},
+                        "description": {"type": "string"},
+                        "labels": {"type": "string", "description": 'A JSON object of strings, e.g. {"team": "cv"}.'},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/models",
+    response_model=ModelVersionPublic,
+    status_code=status.HTTP_201_CREATED,
+    responses=error_responses(400, 409, 413),
+    openapi_extra=_UPLOAD_BODY,
+)
+async def upload_model(request: Request, cp: ControlPlaneDep) -> ModelVersionPublic:
+    """Publish a model file: it is loaded, described, signed into a bundle and stored.
+
+    Publishing the same bytes under the same name and version again returns the existing
+    version (201 as well); different bytes under an existing name and version is a 409.
+    """
+    tmp = cp.store.new_temp_path(".upload")
+    try:
+        upload = await receive_upload(request, tmp, max_file_bytes=cp.settings.max_upload_bytes)
+        fields = upload.fields
+        unknown = sorted(set(fields) - _UPLOAD_FIELDS)
+        if unknown:
+            raise MessageError(f"unknown form field(s) {unknown}; expected {sorted(_UPLOAD_FIELDS | {FILE_FIELD})}")
+        for required in ("name", "version"):
+            if not fields.get(required):
+                raise MessageError(f"the form field {required!r} is required")
+        runtime = fields.get("runtime") or infer_runtime(upload.filename)
+        labels = _parse_labels(fields.get("labels", ""))
+        # Loading and signing the model is blocking work: off the event loop.
+        return await run_in_threadpool(
+            _publish, cp, tmp, fields["name"], fields["version"], runtime, fields.get("description", ""), labels
+        )
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _publish(
+    cp: ControlPlane, path: Path, name: str, version: str, runtime: str, description: str, labels: dict[str, str]
+) -> ModelVersionPublic:
+    with Session(cp.engine) as session:
+        row = publish_model(
+            session,
+            cp.store,
+            cp.keys,
+            model_path=path,
+            name=name,
+            version=version,
+            runtime=runtime,
+            description=description,
+            labels=labels,
+            trusted_keys=cp.keyring.publisher_keys(),
+        )
+        return model_version_public(row)
+
+
+@router.get("/models", response_model=list[ModelVersionPublic])
+def list_models(session: SessionDep, name: str | None = None) -> list[ModelVersionPublic]:
+    """Every published model version (optionally of one model), by name then age."""
+    return [model_version_public(row) for row in list_model_versions(session, name=name)]
+
+
+@router.get("/models/{name}/versions/{version}", response_model=ModelVersionPublic, responses=error_responses(404))
+def get_model(name: str, version: str, session: SessionDep) -> ModelVersionPublic:
+    """One published model version."""
+    return model_version_public(get_model_version(session, name, version))
+
+
+def _parse_labels(text: str) -> dict[str, str]:
+    if not text:
+        return {}
+    try:
+        labels = json.loads(text)
+    except ValueError as exc:
+        raise MessageError(f"labels must be a JSON object of strings: {exc}") from exc
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise MessageError("labels must be a JSON object of strings")
+    return labels
