@@ -208,7 +208,7 @@ def rotate_keyring(
             rotate_online=change.rotate_online,
             rotate_root=change.rotate_root,
         )
-    except ValueError as exc:  # from the keyring builder: a threshold above the number of keys
+    except ConfigError as exc:  # from the keyring builder: a threshold above the number of keys
         raise MessageError(str(exc)) from exc
     keyring.publish_all(publisher)
     if new_online is not None:

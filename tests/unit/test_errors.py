@@ -58,8 +58,9 @@ def _modules() -> Iterator[ModuleType]:
         package = importlib.import_module(package_name)
         names = [package_name] + [info.name for info in pkgutil.walk_packages(package.__path__, package_name + ".")]
         for name in names:
-            # python -m entry points run their CLI when imported.
-            if name in seen or name.endswith(".__main__"):
+            # python -m entry points run their CLI when imported, and alembic's migration scripts
+            # run only inside alembic (they define no exceptions).
+            if name in seen or name.endswith(".__main__") or ".db.migrations" in name:
                 continue
             seen.add(name)
             yield importlib.import_module(name)

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from edgefleet.agent.config import TransferConfig
-from edgefleet.agent.transfer.bandwidth import BURST_S
 from edgefleet.agent.transfer.mqtt_chunks import POLL_S, RECONNECT_GRACE_S, Cancelled, ChunkFetcher
 from edgefleet.shared.errors import BundleIntegrityError, TransferError
 from edgefleet.shared.wire.chunks import Chunk, ChunkError, ChunkRequest, chunk_count
@@ -324,7 +323,7 @@ def test_chunk_requests_keep_under_the_bandwidth_cap(fake: FakeControlPlane, dow
     started = time.monotonic()
 
     assert fetch(fetcher).read_bytes() == BLOB
-    assert time.monotonic() - started >= (len(BLOB) - rate * BURST_S - 8 * CHUNK) / rate
+    assert time.monotonic() - started >= (len(BLOB) - rate * TransferConfig().bandwidth_burst_s - 8 * CHUNK) / rate
 
 
 def test_a_cancel_during_a_bandwidth_wait_stops_the_fetch(fake: FakeControlPlane, downloads: Path) -> None:
