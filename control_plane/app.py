@@ -94,7 +94,12 @@ def _start(settings: ServerSettings, clock: Callable[[], float], stack: ExitStac
     upgrade_schema(engine)
 
     keyring = KeyringService(data_dir / "keys", load_or_create_keys(data_dir / "keys"))
-    store = BundleStore(data_dir / "bundles", cache_bytes=settings.bundle_cache_bytes)
+    store = BundleStore(
+        data_dir / "bundles",
+        cache_bytes=settings.bundle_cache_bytes,
+        max_open_files_count=settings.bundle_max_open_files_count,
+        cache_window_divisor_count=settings.bundle_cache_window_divisor_count,
+    )
     stack.callback(store.close)
 
     broker_host, broker_port, broker_kind = _start_broker(settings, stack)
@@ -128,7 +133,11 @@ def _start(settings: ServerSettings, clock: Callable[[], float], stack: ExitStac
         clock=clock,
     )
     desired = DesiredStateService(
-        bridge, keyring.keys.online, ttl_s=settings.desired_state_ttl_s, bundle_base_url=settings.public_url
+        bridge,
+        keyring.keys.online,
+        ttl_s=settings.desired_state_ttl_s,
+        bundle_base_url=settings.public_url,
+        resign_batch_count=settings.resign_batch_count,
     )
     bridge.start()
     stack.callback(bridge.stop)

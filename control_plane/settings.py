@@ -110,16 +110,14 @@ class ServerSettings(BaseSettings):
     bundle_max_open_files_count: int = 32  # bundle file descriptors kept open for chunk reads
     # 1/N of bundle_cache_bytes is the recency window for the tails of large bundles
     bundle_cache_window_divisor_count: int = 8
-    # -- publishing and uploads (services/publishing.py, services/uploads.py)
-    max_description_chars: int = 4096  # characters; what the manifest decoder accepts
-    max_labels_count: int = 64  # likewise
+    # -- the upload form (api/uploads.py). The description and label limits are not settings: they
+    # are the bundle format's (the manifest decoder on every device enforces the same numbers).
     upload_max_field_bytes: int = 8 * KIB  # one text field of the upload form (the description is the longest)
     upload_max_parts_count: int = 16  # parts of the upload form
     upload_form_overhead_bytes: int = 256 * KIB  # bytes allowed beyond the file: boundaries, headers, fields
-    # -- desired states, API pages, enrollment (services/desired_states.py, api/routes/core.py, routes/trust.py)
+    # -- desired states (services/desired_states.py). Page sizes and the enrollment TTL bound are
+    # not settings: they are part of the API contract, published in the OpenAPI document.
     resign_batch_count: int = 500  # devices re-signed per transaction by resign_expiring
-    max_page_count: int = 10_000  # rows one list request may return
-    max_enrollment_ttl_s: float = 7 * 24 * 3600.0  # seconds an enrollment token may stay valid
 
     def __init__(self, **values: Any) -> None:
         """Validate ``values`` (code or CLI values only: :meth:`from_env` reads the environment).
@@ -232,7 +230,6 @@ _POSITIVE_SECONDS = (
     "broker_reconnect_min_delay_s",
     "broker_reconnect_max_delay_s",
     "chunk_grant_ttl_s",
-    "max_enrollment_ttl_s",
 )
 _POSITIVE_AMOUNTS = (
     "max_upload_bytes",
@@ -245,13 +242,10 @@ _POSITIVE_AMOUNTS = (
     "max_chunk_grants_count",
     "bundle_max_open_files_count",
     "bundle_cache_window_divisor_count",
-    "max_description_chars",
-    "max_labels_count",
     "upload_max_field_bytes",
     "upload_max_parts_count",
     "upload_form_overhead_bytes",
     "resign_batch_count",
-    "max_page_count",
 )
 
 

@@ -16,13 +16,17 @@ import threading
 from edgefleet.agent.serving.shadow import ShadowedModel, ShadowRunner
 from edgefleet.shared.runtimes import LoadedModel
 
-RETIRE_GRACE_S = 5.0  # seconds an old model stays open after a swap
-
 
 class ModelHost:
     """Implements the inference API's ``ModelRegistry``: one serving version per model name."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, retire_grace_s: float = 5.0) -> None:
+        """Create an empty host.
+
+        Args:
+            retire_grace_s: Seconds a swapped-out model stays open (``AgentConfig.retire_grace_s``).
+        """
+        self._retire_grace_s = retire_grace_s
         self._models: dict[str, LoadedModel] = {}  # the serving models themselves
         self._shadows: dict[str, ShadowRunner] = {}
         self._served: dict[str, LoadedModel] = {}  # what get() hands out: the model, or it wrapped
@@ -92,9 +96,9 @@ class ModelHost:
         """Every attached shadow runner."""
         return list(self._shadows.values())
 
-    def retire(self, model: LoadedModel, grace_s: float = RETIRE_GRACE_S) -> None:
-        """Close a swapped-out model after ``grace_s``, so requests that already hold it finish."""
-        timer = threading.Timer(grace_s, model.close)
+    def retire(self, model: LoadedModel, grace_s: float | None = None) -> None:
+        """Close a swapped-out model after ``grace_s`` (default: the host's), so requests that hold it finish."""
+        timer = threading.Timer(self._retire_grace_s if grace_s is None else grace_s, model.close)
         timer.daemon = True
         timer.start()
 

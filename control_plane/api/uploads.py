@@ -20,9 +20,15 @@ from edgefleet.control_plane.errors import TooLargeError
 from edgefleet.shared.errors import MessageError
 
 FILE_FIELD = "file"
-MAX_FIELD_BYTES = 8 * 1024  # bytes, one text field (the description is the longest)
-MAX_PARTS = 16  # count
-FORM_OVERHEAD_BYTES = 256 * 1024  # bytes allowed beyond the file: boundaries, headers, fields
+
+
+@dataclass(frozen=True, kw_only=True)
+class FormLimits:
+    """Limits of an upload form besides its file (``ServerSettings.upload_*``)."""
+
+    max_field_bytes: int = 8 * 1024  # bytes, one text field (the description is the longest)
+    max_parts_count: int = 16  # parts of the form
+    overhead_bytes: int = 256 * 1024  # bytes allowed beyond the file: boundaries, headers, fields
 
 
 @dataclass
@@ -46,7 +52,8 @@ class _Part:
 class _FormReader:
     """python-multipart callbacks: text fields in memory, the one file part into ``sink``."""
 
-    def __init__(self, upload: ReceivedUpload, sink: BinaryIO, max_file_bytes: int) -> None:
+    def __init__(self, upload: ReceivedUpload, sink: BinaryIO, max_file_bytes: int, limits: FormLimits) -> None:
+        self._limits = limits
         self._upload = upload
         self._sink = sink
         self._max_file_bytes = max_file_bytes
@@ -59,8 +66,8 @@ class _FormReader:
 
     def on_part_begin(self) -> None:
         self._parts += 1
-        if self._parts > MAX_PARTS:
-            raise MessageError(f"the form has more than {MAX_PARTS} parts")
+        if self._parts > self._limits.max_parts_count:
+            raise MessageError(f"the form has more than {self._limits.max_parts_count} parts")
         self._part = _Part()
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
@@ -98,8 +105,8 @@ class _FormReader:
             self._sink.write(data[start:end])
             return
         self._part.data += data[start:end]
-        if len(self._part.data) > MAX_FIELD_BYTES:
-            raise MessageError(f"the form field {self._part.name!r} is over {MAX_FIELD_BYTES} bytes")
+        if len(self._part.data) > self._limits.max_field_bytes:
+            raise MessageError(f"the form field {self._part.name!r} is over {self._limits.max_field_bytes} bytes")
 
     def on_part_end(self) -> None:
         if not self._part.is_file:
@@ -112,13 +119,16 @@ class _FormReader:
         self.complete = True
 
 
-async def receive_upload(request: Request, dest: Path, *, max_file_bytes: int) -> ReceivedUpload:
+async def receive_upload(
+    request: Request, dest: Path, *, max_file_bytes: int, limits: FormLimits | None = None
+) -> ReceivedUpload:
     """Parse a ``multipart/form-data`` request, writing its file part to ``dest``.
 
     Args:
         request: The incoming request (its body is consumed).
         dest: Where to write the file; the caller removes it on error.
         max_file_bytes: Largest file accepted.
+        limits: The form's other limits (defaults: :class:`FormLimits`).
 
     Returns:
         The fields and file details.
@@ -130,14 +140,15 @@ async def receive_upload(request: Request, dest: Path, *, max_file_bytes: int) -
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise MessageError("send the model as multipart/form-data with a 'file' part and name/version fields")
-    max_body = max_file_bytes + FORM_OVERHEAD_BYTES
+    limits = limits or FormLimits()
+    max_body = max_file_bytes + limits.overhead_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body:
         raise TooLargeError(f"the upload is {declared} bytes; the limit is {max_file_bytes} bytes for the model file")
 
     upload = ReceivedUpload(path=dest)
     with dest.open("wb") as sink:
-        reader = _FormReader(upload, sink, max_file_bytes)
+        reader = _FormReader(upload, sink, max_file_bytes, limits)
         parser = MultipartParser(
             params[b"boundary"],
             {

@@ -34,8 +34,6 @@ from edgefleet.shared.files import fsync_dir
 from edgefleet.shared.wire.chunks import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, chunk_count, chunk_length
 from edgefleet.shared.wire.strict import DIGEST_RE
 
-MAX_OPEN_FILES = 32  # count of bundle file descriptors kept open for chunk reads
-WINDOW_SHARE = 8  # 1/WINDOW_SHARE of the chunk cache is the recency window for the tails of large bundles
 _BARE_HEX_LEN = 64
 
 
@@ -57,12 +55,17 @@ class BundleStore:
     Thread-safe: the API, the ingest worker and the publisher use one instance.
     """
 
-    def __init__(self, root: Path, *, cache_bytes: int) -> None:
+    def __init__(
+        self, root: Path, *, cache_bytes: int, max_open_files_count: int = 32, cache_window_divisor_count: int = 8
+    ) -> None:
         """Open (and create) the store under ``root``.
 
         Args:
             root: Usually ``<data_dir>/bundles``.
             cache_bytes: Memory for recently served chunks.
+            max_open_files_count: Bundle file descriptors kept open for chunk reads.
+            cache_window_divisor_count: 1/N of the cache is the recency window for the tails of
+                large bundles.
         """
         self.root = root
         self._objects = root / "sha256"
@@ -70,7 +73,8 @@ class BundleStore:
         self._objects.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        window = cache_bytes // WINDOW_SHARE
+        self._max_open_files = max_open_files_count
+        window = cache_bytes // cache_window_divisor_count
         self._main = _LruBytes(cache_bytes - window)
         self._window = _LruBytes(window)
         self.stats = {"chunk_hits": 0, "chunk_misses": 0}
@@ -182,7 +186,7 @@ class BundleStore:
             raise NotFoundError(f"bundle {digest} is not stored") from None
         entry = (fd, os.fstat(fd).st_size)
         self._files[digest] = entry
-        while len(self._files) > MAX_OPEN_FILES:
+        while len(self._files) > self._max_open_files:
             _, (old_fd, _) = self._files.popitem(last=False)
             os.close(old_fd)
         return entry

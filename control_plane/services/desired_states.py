@@ -54,7 +54,6 @@ from edgefleet.shared.wire.topics import Leaf, device_topic
 
 log = logging.getLogger(__name__)
 
-RESIGN_BATCH = 500  # devices re-signed per transaction by resign_expiring
 
 
 def desired_state_for(
@@ -137,7 +136,13 @@ class DesiredStateService:
     """Changes assignments and publishes the resulting signed desired states."""
 
     def __init__(
-        self, publisher: MessagePublisher, online_key: SigningKey, *, ttl_s: float, bundle_base_url: str | None = None
+        self,
+        publisher: MessagePublisher,
+        online_key: SigningKey,
+        *,
+        ttl_s: float,
+        bundle_base_url: str | None = None,
+        resign_batch_count: int = 500,
     ) -> None:
         """Create the service.
 
@@ -146,7 +151,9 @@ class DesiredStateService:
             online_key: Signs every desired state.
             ttl_s: Validity of each signed state, in seconds.
             bundle_base_url: Public URL of the control plane, named in directives for HTTP download.
+            resign_batch_count: Devices re-signed per transaction by :meth:`resign_expiring`.
         """
+        self._resign_batch = resign_batch_count
         self._publisher = publisher
         self._key = online_key
         self._ttl_s = ttl_s
@@ -388,7 +395,7 @@ class DesiredStateService:
                         (col(Device.desired_issued_at) + col(Device.desired_expires_at)) / 2 <= now,
                     )
                     .order_by(col(Device.id))
-                    .limit(RESIGN_BATCH)
+                    .limit(self._resign_batch)
                 ).all()
                 if not batch:
                     session.rollback()

@@ -83,20 +83,17 @@ def test_limits_are_settings_with_the_former_constants_as_defaults() -> None:
     )
     assert (settings.chunk_grant_ttl_s, settings.max_chunk_grants_count) == (2.0, 10_000)
     assert (settings.bundle_max_open_files_count, settings.bundle_cache_window_divisor_count) == (32, 8)
-    assert (settings.max_description_chars, settings.max_labels_count) == (4096, 64)
     assert (settings.upload_max_field_bytes, settings.upload_max_parts_count, settings.upload_form_overhead_bytes) == (
         8 * 1024, 16, 256 * 1024
     )
-    assert (settings.resign_batch_count, settings.max_page_count, settings.max_enrollment_ttl_s) == (
-        500, 10_000, 7 * 24 * 3600
-    )
+    assert settings.resign_batch_count == 500
 
 
 def test_limits_come_from_the_environment_and_are_checked() -> None:
-    settings = ServerSettings.from_env({"EDGEFLEET_MAX_PAGE_COUNT": "50", "edgefleet_chunk_grant_ttl_s": "0.5"})
-    assert (settings.max_page_count, settings.chunk_grant_ttl_s) == (50, 0.5)
-    with pytest.raises(ConfigError, match="max_page_count must be > 0"):
-        ServerSettings.from_env({"EDGEFLEET_MAX_PAGE_COUNT": "0"})
+    settings = ServerSettings.from_env({"EDGEFLEET_RESIGN_BATCH_COUNT": "50", "edgefleet_chunk_grant_ttl_s": "0.5"})
+    assert (settings.resign_batch_count, settings.chunk_grant_ttl_s) == (50, 0.5)
+    with pytest.raises(ConfigError, match="resign_batch_count must be > 0"):
+        ServerSettings.from_env({"EDGEFLEET_RESIGN_BATCH_COUNT": "0"})
     with pytest.raises(ConfigError, match="broker_reconnect_max_delay_s must be at least"):
         ServerSettings(broker_reconnect_min_delay_s=10, broker_reconnect_max_delay_s=5)
 

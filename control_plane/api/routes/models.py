@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from edgefleet.control_plane.api.deps import ControlPlane, ControlPlaneDep, SessionDep
 from edgefleet.control_plane.api.errors import error_responses
 from edgefleet.control_plane.api.schemas import ModelVersionPublic, model_version_public
-from edgefleet.control_plane.api.uploads import FILE_FIELD, receive_upload
+from edgefleet.control_plane.api.uploads import FILE_FIELD, FormLimits, receive_upload
 from edgefleet.control_plane.services.catalog import get_model_version, list_model_versions
 from edgefleet.control_plane.services.publishing import infer_runtime, publish_model
 from edgefleet.shared.errors import MessageError
@@ -59,7 +59,12 @@ async def upload_model(request: Request, cp: ControlPlaneDep) -> ModelVersionPub
     """
     tmp = cp.store.new_temp_path(".upload")
     try:
-        upload = await receive_upload(request, tmp, max_file_bytes=cp.settings.max_upload_bytes)
+        limits = FormLimits(
+            max_field_bytes=cp.settings.upload_max_field_bytes,
+            max_parts_count=cp.settings.upload_max_parts_count,
+            overhead_bytes=cp.settings.upload_form_overhead_bytes,
+        )
+        upload = await receive_upload(request, tmp, max_file_bytes=cp.settings.max_upload_bytes, limits=limits)
         fields = upload.fields
         unknown = sorted(set(fields) - _UPLOAD_FIELDS)
         if unknown:
