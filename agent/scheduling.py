@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import logging
 import threading
 import time
@@ -79,8 +80,8 @@ class Timer:
                 if handle.cancelled:
                     continue
                 if handle.interval_s is not None:
-                    # Skip missed beats rather than fire a burst of them.
-                    next_due = max(due + handle.interval_s, now)
+                    # The next beat on the grid after now: missed beats are skipped, not fired in a burst.
+                    next_due = due + handle.interval_s * (math.floor((now - due) / handle.interval_s) + 1)
                     heapq.heappush(self._heap, (next_due, next(self._order), handle))
             try:
                 handle.fn()

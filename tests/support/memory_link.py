@@ -125,6 +125,11 @@ class MemoryBroker:
         if link.options.will is not None:
             self.publish(link.options.will.topic, link.options.will.payload, retain=link.options.will.retain)
 
+    def client(self, client_id: str) -> MemoryLink:
+        """The link last connected under ``client_id`` (KeyError if none)."""
+        with self._lock:
+            return self._links[client_id]
+
     def connected_clients(self) -> list[str]:
         """Client ids connected now."""
         with self._lock:
