@@ -14,6 +14,7 @@ import ssl
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.shared.errors import ConfigError
 from edgefleet.shared.link.base import QOS, LinkOptions
@@ -59,7 +60,7 @@ def make_client(
             cannot be read or do not belong together.
     """
     client = mqtt.Client(
-        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
         clean_session=clean_session,
         protocol=mqtt.MQTTv311,
