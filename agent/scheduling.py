@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
