@@ -1,4 +1,10 @@
-"""The agent process: wires the state store, models, MQTT link, reconciler and local API.
+"""One agent: wires the state store, models, MQTT link, reconciler and local API.
+
+An agent owns no thread of its own: its MQTT link runs on a shared network thread, its
+heartbeat on a shared timer, and its reconciler's steps on a shared pool (see
+:mod:`edgefleet.agent.fleet_resources`), so one process can run many agents
+(:class:`~edgefleet.agent.fleet_host.AgentHost`); an agent started alone builds that machinery
+for itself.
 
 Start order matters: active models are loaded from disk and the local API comes up *before* the
 broker is reached, so a device keeps serving through a control-plane or network outage.
@@ -9,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import uvicorn
@@ -17,13 +23,16 @@ import uvicorn
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.deployment.reconciler import Reconciler
 from edgefleet.agent.deployment.state_store import StateStore
+from edgefleet.agent.fleet_resources import FleetResources
 from edgefleet.agent.link import MqttLink
+from edgefleet.agent.scheduling import SerialStepper, TimerHandle
 from edgefleet.agent.serving.host import ModelHost
 from edgefleet.agent.serving.v2_api import create_inference_app
 from edgefleet.agent.transfer.bandwidth import BandwidthLimiter
 from edgefleet.agent.transfer.http import HttpFetcher
 from edgefleet.agent.transfer.mqtt_chunks import ChunkFetcher
 from edgefleet.shared.errors import NotFoundError
+from edgefleet.shared.link.base import LinkFactory
 from edgefleet.shared.wire.chunks import ChunkRequest
 from edgefleet.shared.wire.topics import Leaf
 
@@ -33,9 +42,30 @@ log = logging.getLogger(__name__)
 class Agent:
     """One edge agent. Use :meth:`start` / :meth:`stop`, or :meth:`run_until` from the CLI."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        resources: FleetResources | None = None,
+        link_factory: LinkFactory | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Create the agent (nothing runs until :meth:`start`).
+
+        Args:
+            config: The agent's configuration.
+            resources: Network thread, timer and step pool shared with other agents; None: the
+                agent builds its own and stops them with itself.
+            link_factory: Builds the MQTT link; None: the resources' paho driver.
+            clock: Unix seconds now (status messages, reconciler).
+
+        Raises:
+            ConfigError: TLS files that cannot be read or do not belong together.
+        """
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        self._own_resources = resources is None
+        self.resources = resources if resources is not None else FleetResources(step_workers=1)
         self.store = StateStore(config.data_dir)
         self.host = ModelHost()
         self.link = MqttLink(
@@ -44,6 +74,8 @@ class Agent:
             self._on_message,
             on_connected=self._on_connected,
             on_keyring=self._on_keyring,
+            link_factory=link_factory if link_factory is not None else self.resources.driver,
+            clock=clock,
         )
         downloads = config.data_dir / "downloads"
         # One cap for the device, whichever way a bundle comes in.
@@ -52,12 +84,20 @@ class Agent:
             downloads, config.transfer, self._request_chunks, limiter=limiter, link_up=self.link.connected
         )
         self.http_fetcher = HttpFetcher(downloads, config.transfer, limiter=limiter)
+        self._stepper = SerialStepper(self._step, self.resources.pool.submit, self.resources.timer.call_later)
         self.reconciler = Reconciler(
-            config, self.store, self.host, self.fetcher, self._publish, http_fetcher=self.http_fetcher
+            config,
+            self.store,
+            self.host,
+            self.fetcher,
+            self._publish,
+            clock=clock,
+            http_fetcher=self.http_fetcher,
+            on_work=self._stepper.poke,
         )
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._heartbeat_timer: TimerHandle | None = None
         self._api_server: uvicorn.Server | None = None
+        self._api_thread: threading.Thread | None = None
 
     # -- in-process API for applications that embed the agent ---------------------------------
 
@@ -80,19 +120,25 @@ class Agent:
         self.reconciler.load_active()
         if self.config.api.enabled:
             self._start_api()
+        if self._own_resources:
+            self.resources.start()
         self.link.start()
-        self._spawn("reconciler", self.reconciler.run, self._stop)
-        self._spawn("heartbeat", self._heartbeat)
+        self._heartbeat_timer = self.resources.timer.call_every(self.config.heartbeat_interval_s, self._heartbeat)
+        self.reconciler.wake()  # the first pass: the stored desired state may already need work
 
     def stop(self) -> None:
-        """Stop threads, say goodbye to the broker, close the API and unload models."""
-        self._stop.set()
-        self.reconciler.wake()  # don't wait out its poll interval
+        """Stop stepping, say goodbye to the broker, close the API and unload models."""
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
+        if not self._stepper.close(timeout_s=10):
+            log.warning("%s: a reconciler step is still running", self.config.device_id)
         if self._api_server is not None:
             self._api_server.should_exit = True
-        for thread in self._threads:
-            thread.join(timeout=10)
+        if self._api_thread is not None:
+            self._api_thread.join(timeout=10)
         self.link.stop()
+        if self._own_resources:
+            self.resources.stop()
         self.host.close_all()
 
     def run_until(self, stop: threading.Event) -> None:
@@ -102,11 +148,6 @@ class Agent:
             stop.wait()
         finally:
             self.stop()
-
-    def _spawn(self, name: str, target: object, *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, name=f"agent-{name}", daemon=True)  # type: ignore[arg-type]
-        thread.start()
-        self._threads.append(thread)
 
     def _start_api(self) -> None:
         app = create_inference_app(
@@ -121,7 +162,8 @@ class Agent:
             lifespan="off",
         )
         self._api_server = uvicorn.Server(config)
-        self._spawn("api", self._api_server.run)
+        self._api_thread = threading.Thread(target=self._api_server.run, name="agent-api", daemon=True)
+        self._api_thread.start()
         deadline = time.monotonic() + 10
         while not self._api_server.started and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -149,7 +191,9 @@ class Agent:
     def _request_chunks(self, request: ChunkRequest) -> None:
         self.link.publish(Leaf.CHUNK_REQUEST, request.encode())
 
+    def _step(self) -> float | None:
+        return self.reconciler.step()
+
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.config.heartbeat_interval_s):
-            if self.link.connected.is_set():
-                self.reconciler.publish_reported()
+        if self.link.connected.is_set():
+            self.reconciler.publish_reported()

@@ -205,6 +205,7 @@ class ChunkFetcher:
         *,
         limiter: BandwidthLimiter | None = None,
         link_up: threading.Event | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Create a fetcher.
 
@@ -214,6 +215,7 @@ class ChunkFetcher:
             send_request: Publishes a chunk request (QoS 1).
             limiter: The device's bandwidth cap (shared with HTTP); default: one from ``config``.
             link_up: Set while the broker connection is up; None if always assumed up.
+            clock: Monotonic seconds, for request timeouts.
         """
         self._dir = downloads_dir
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -221,6 +223,7 @@ class ChunkFetcher:
         self._send = send_request
         self._limiter = limiter or BandwidthLimiter(config.bandwidth_limit_bytes_per_s)
         self._link_up = link_up
+        self._clock = clock
         self._cond = threading.Condition()
         self._active: _Active | None = None
         self.stats = {"chunks_received": 0, "chunks_requested": 0, "chunks_resumed": 0, "duplicates": 0}
@@ -258,7 +261,7 @@ class ChunkFetcher:
                         )
                     if download.complete:
                         break
-                    now = time.monotonic()
+                    now = self._clock()
                     link_is_up = self._link_up is None or self._link_up.is_set()
                     if link_is_up and not link_was_up:
                         self._after_reconnect(active, now)
@@ -271,7 +274,7 @@ class ChunkFetcher:
                     if not self._limiter.consume(len(to_request) * download.chunk_size, cancel):
                         raise Cancelled("a newer desired state superseded this download")
                     with self._cond:
-                        sent_at = time.monotonic()  # the cap may have held us: time from now
+                        sent_at = self._clock()  # the cap may have held us: time from now
                         for i in to_request:
                             if i in active.outstanding:
                                 active.outstanding[i] = sent_at

@@ -1,52 +1,79 @@
 """The control plane's MQTT connection: persistent session in, QoS 1 out, nothing lost between.
 
 - Client id ``edgefleet-control-plane`` (plus a per-replica suffix) with ``clean_session=False``:
-  while the control plane is down or restarting, the broker queues what devices publish.
+  while the control plane is down or restarting, the broker queues what devices publish. The
+  connection itself is a shared :class:`~edgefleet.shared.link.base.Link` (TCP_NODELAY,
+  keepalive, backoff live there).
 - Messages are acknowledged by hand, *after* ingest has handled them (``manual_ack``): a crash
   between receipt and commit leaves the message unacknowledged, and the broker delivers it
   again on the next connection. Ingest is idempotent, so twice is fine.
-- paho's network thread only enqueues; one worker thread runs ingest in arrival order (the
-  order of a device's status and reported messages matters), so a slow database never stalls
-  keepalives. The queue is bounded: when it is full, paho's thread waits, the broker's in-flight
+- The network thread only routes by topic (:data:`ROUTES`): chunk requests to the *chunk*
+  worker, the hot path of a transfer, which never waits behind database writes; everything else
+  to the *ingest* worker, in arrival order (the order of a device's status and reported messages
+  matters). The ingest worker takes whatever has queued up, up to ``INGEST_BATCH_SIZE`` messages,
+  and hands it to the batch handler as one unit (one database transaction per batch).
+- Both queues are bounded: when one is full, the network thread waits, the broker's in-flight
   window fills, and the broker holds further messages (backpressure, not loss).
-- Subscriptions are made again on every connect (a broker that lost its state has none).
-- TCP_NODELAY on the socket: a QoS 1 request/response otherwise stalls 40-90 ms on Nagle plus
-  delayed ACK (a chunk request and its chunks are exactly that).
 - Garbage on a subscribed topic is logged and dropped (acknowledged, or it would come back
-  forever); it never stops the worker and never reaches the database.
+  forever); it never stops a worker and never reaches the database.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from enum import Enum
+from functools import partial
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-
-from edgefleet.shared.errors import BrokerError, MessageError
-from edgefleet.shared.link.paho import configure_tls
-from edgefleet.shared.wire.topics import control_plane_subscriptions
+from edgefleet.shared.errors import MessageError
+from edgefleet.shared.link.base import Link, LinkFactory, LinkHandlers, LinkOptions, Received
+from edgefleet.shared.link.driver import PahoDriver
+from edgefleet.shared.wire.topics import Leaf, control_plane_subscriptions, parse_device_topic
 
 log = logging.getLogger(__name__)
 
 CLIENT_ID = "edgefleet-control-plane"
-QOS = 1
 KEEPALIVE_S = 30  # seconds
-RECONNECT_MIN_DELAY_S = 1  # seconds, paho's backoff doubles from here
-RECONNECT_MAX_DELAY_S = 30  # seconds
+RECONNECT_MIN_DELAY_S = 1.0  # seconds, the backoff doubles from here
+RECONNECT_MAX_DELAY_S = 30.0  # seconds
 MAX_INFLIGHT = 20  # messages; paho is slower with larger windows
-INGEST_QUEUE_SIZE = 10_000  # messages waiting for the ingest worker
+INGEST_QUEUE_SIZE = 10_000  # messages waiting for a worker (each queue)
+INGEST_BATCH_SIZE = 200  # messages handed to the batch handler at most at once
 HANDLER_ATTEMPTS = 3  # tries for a message whose handler fails for a reason other than its content
 _RETRY_DELAYS_S = (0.2, 1.0)  # seconds between those tries
+
+Handler = Callable[[str, bytes], None]
+BatchHandler = Callable[[Sequence[tuple[str, bytes]]], Sequence[MessageError | None]]
+"""Handles messages as one unit; returns, per message, the MessageError that rejected it or None."""
+
+
+class Worker(Enum):
+    """The threads a received message can go to."""
+
+    INGEST = "ingest"  # database writes, in arrival order, batched
+    CHUNKS = "chunks"  # chunk serving, never behind database writes
+
+
+ROUTES: dict[Leaf, Worker] = {
+    Leaf.REPORTED: Worker.INGEST,
+    Leaf.EVENTS: Worker.INGEST,
+    Leaf.STATUS: Worker.INGEST,
+    Leaf.CHUNK_REQUEST: Worker.CHUNKS,
+}
+"""Which worker handles each device-published leaf (anything else goes to ingest, which rejects it)."""
+
+
+def route(topic: str) -> Worker:
+    """The worker for a message on ``topic``."""
+    try:
+        _, leaf = parse_device_topic(topic)
+    except MessageError:
+        return Worker.INGEST  # the handler rejects it there, logged and acknowledged
+    return ROUTES.get(leaf, Worker.INGEST)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,69 +84,79 @@ class BrokerConnection:
     port: int
     username: str | None = None
     password: str | None = None
-    tls_ca_file: str | None = None  # TLS when any tls_* is set (see shared.mqtt.configure_tls)
+    tls_ca_file: str | None = None  # TLS when any tls_* is set (see shared.link.paho.configure_tls)
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     client_id_suffix: str = ""
     share_group: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Received:
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-
-
 _STOP = object()
 
 
 class MqttBridge:
-    """Owns the paho client: publishes for the services, hands received messages to a handler."""
+    """Owns the control plane's link: publishes for the services, hands received messages to handlers."""
 
-    def __init__(self, connection: BrokerConnection, handler: Callable[[str, bytes], None]) -> None:
+    def __init__(
+        self,
+        connection: BrokerConnection,
+        handler: Handler,
+        *,
+        batch_handler: BatchHandler | None = None,
+        link_factory: LinkFactory | None = None,
+    ) -> None:
         """Create the bridge (nothing connects until :meth:`start`).
 
         Args:
             connection: Broker address, credentials, client-id suffix, share group.
-            handler: Called on the worker thread with (topic, payload) of each message; raises
-                :class:`~shared.errors.MessageError` for garbage.
+            handler: Called on a worker thread with (topic, payload) of each message; raises
+                :class:`~edgefleet.shared.errors.MessageError` for garbage.
+            batch_handler: If given, the ingest worker hands it whole batches instead
+                (one transaction per batch); chunk requests still go to ``handler``.
+            link_factory: Builds the link; None: a paho driver of the bridge's own.
 
         Raises:
             ConfigError: TLS files that cannot be read or do not belong together.
         """
         self._connection = connection
         self._handler = handler
+        self._batch_handler = batch_handler
         self.client_id = CLIENT_ID + (f"-{connection.client_id_suffix}" if connection.client_id_suffix else "")
-        self._subscriptions = control_plane_subscriptions(connection.share_group)
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            clean_session=False,
-            protocol=mqtt.MQTTv311,
-            manual_ack=True,
+        self._subscriptions = tuple(control_plane_subscriptions(connection.share_group))
+        self._own_driver = PahoDriver(name="edgefleet-mqtt") if link_factory is None else None
+        factory: LinkFactory = self._own_driver if self._own_driver is not None else link_factory  # type: ignore[assignment]
+        self._link: Link = factory(
+            LinkOptions(
+                client_id=self.client_id,
+                host=connection.host,
+                port=connection.port,
+                username=connection.username,
+                password=connection.password,
+                tls_ca_file=connection.tls_ca_file,
+                tls_cert_file=connection.tls_cert_file,
+                tls_key_file=connection.tls_key_file,
+                clean_session=False,
+                keepalive_s=KEEPALIVE_S,
+                reconnect_min_s=RECONNECT_MIN_DELAY_S,
+                reconnect_max_s=RECONNECT_MAX_DELAY_S,
+                max_inflight=MAX_INFLIGHT,
+                manual_ack=True,
+                subscriptions=self._subscriptions,
+            ),
+            LinkHandlers(
+                on_message=self._on_message,
+                on_connected=self._on_connected,
+                on_disconnected=self._on_disconnected,
+                on_subscribed=self._on_subscribed,
+            ),
         )
-        if connection.username is not None:
-            self._client.username_pw_set(connection.username, connection.password)
-        configure_tls(
-            self._client,
-            tls_ca_file=connection.tls_ca_file,
-            tls_cert_file=connection.tls_cert_file,
-            tls_key_file=connection.tls_key_file,
-        )
-        self._client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, RECONNECT_MAX_DELAY_S)
-        self._client.max_inflight_messages_set(MAX_INFLIGHT)
-        self._client.on_socket_open = _set_tcp_nodelay
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_message = self._on_message
-        self._queue: queue.Queue[_Received | object] = queue.Queue(maxsize=INGEST_QUEUE_SIZE)
+        self._queues: dict[Worker, queue.Queue[Received | object]] = {
+            worker: queue.Queue(maxsize=INGEST_QUEUE_SIZE) for worker in Worker
+        }
         self._ready = threading.Event()
         self._stopping = threading.Event()
-        self._subscribe_mid: int | None = None
-        self._worker: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
+        self._count_lock = threading.Lock()
         self.messages_handled = 0
         self.messages_rejected = 0
 
@@ -129,147 +166,160 @@ class MqttBridge:
         return self._ready.is_set()
 
     def start(self) -> None:
-        """Start the ingest worker and connect in the background (paho reconnects forever)."""
-        self._worker = threading.Thread(target=self._work, name="edgefleet-ingest", daemon=True)
-        self._worker.start()
-        try:
-            self._client.connect_async(self._connection.host, self._connection.port, keepalive=KEEPALIVE_S)
-        except (OSError, ValueError) as exc:
-            raise BrokerError(
-                f"cannot connect to the MQTT broker at {self._connection.host}:{self._connection.port}: {exc}"
-            ) from exc
-        self._client.loop_start()
+        """Start the workers and connect in the background (the link reconnects forever)."""
+        self._workers = [
+            threading.Thread(target=self._work_ingest, name="edgefleet-ingest", daemon=True),
+            threading.Thread(target=self._work_chunks, name="edgefleet-chunks", daemon=True),
+        ]
+        for worker in self._workers:
+            worker.start()
+        if self._own_driver is not None:
+            self._own_driver.start()
+        self._link.start()
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Wait until connected with every subscription acknowledged; False on timeout."""
         return self._ready.wait(timeout_s)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        """Queue a QoS 1 message; paho sends it now, or after reconnecting.
+        """Queue a QoS 1 message; it leaves now, or after reconnecting.
 
         Raises:
-            BrokerError: paho refused to queue it (invalid topic, or its queue is full).
+            BrokerError: The link refused to queue it (an invalid topic).
         """
-        info = self._client.publish(topic, payload, qos=QOS, retain=retain)
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            raise BrokerError(f"cannot publish to {topic}: {mqtt.error_string(info.rc)}")
+        self._link.publish(topic, payload, retain=retain)
 
     def stop(self) -> None:
-        """Disconnect and stop both threads.
+        """Disconnect and stop the workers.
 
         Messages received but not yet handled are dropped unacknowledged: the broker keeps
         them in this client's persistent session and delivers them on the next start.
         """
         self._stopping.set()
         self._ready.clear()
-        self._client.disconnect()
-        self._client.loop_stop()
-        self._drain()
-        self._queue.put(_STOP)
-        if self._worker is not None:
-            self._worker.join(timeout=10)
-            self._worker = None
+        self._link.stop()
+        if self._own_driver is not None:
+            self._own_driver.stop()
+        for q in self._queues.values():
+            _drain(q)
+            q.put(_STOP)
+        for worker in self._workers:
+            worker.join(timeout=10)
+        self._workers = []
 
-    # -- paho's network thread -----------------------------------------------------------------
+    # -- the network thread -----------------------------------------------------------------------
 
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        _userdata: Any,
-        flags: mqtt.ConnectFlags,
-        reason: ReasonCode,
-        _props: Properties | None,
-    ) -> None:
-        if reason.is_failure:
-            log.error("MQTT broker refused the connection: %s", reason)
-            return
+    def _on_connected(self, session_present: bool) -> None:
         log.info(
             "connected to MQTT broker %s:%d as %s (session %s)",
             self._connection.host,
             self._connection.port,
             self.client_id,
-            "resumed" if flags.session_present else "new",
+            "resumed" if session_present else "new",
         )
-        result, mid = client.subscribe([(topic, QOS) for topic in self._subscriptions])
-        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            log.error("cannot subscribe: %s", mqtt.error_string(result))
-            return
-        self._subscribe_mid = mid
 
-    def _on_subscribe(
-        self, _client: mqtt.Client, _userdata: Any, mid: int, reasons: list[ReasonCode], _props: Properties | None
-    ) -> None:
-        if mid != self._subscribe_mid:
-            return
-        refused = [topic for topic, reason in zip(self._subscriptions, reasons, strict=False) if reason.is_failure]
+    def _on_subscribed(self, refused: Sequence[str]) -> None:
         if refused:
             # Nothing will arrive on these: say so loudly rather than look healthy.
-            log.error("MQTT broker refused the subscriptions %s (check its ACLs)", refused)
+            log.error("MQTT broker refused the subscriptions %s (check its ACLs)", list(refused))
             return
         self._ready.set()
 
-    def _on_disconnect(
-        self,
-        _client: mqtt.Client,
-        _userdata: Any,
-        _flags: mqtt.DisconnectFlags,
-        reason: ReasonCode,
-        _props: Properties | None,
-    ) -> None:
+    def _on_disconnected(self) -> None:
         self._ready.clear()
         if not self._stopping.is_set():
-            log.warning("disconnected from the MQTT broker (%s); reconnecting", reason)
+            log.warning("disconnected from the MQTT broker; reconnecting")
 
-    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        item = _Received(topic=message.topic, payload=bytes(message.payload), mid=message.mid, qos=message.qos)
+    def _on_message(self, message: Received) -> None:
+        target = self._queues[route(message.topic)]
         while not self._stopping.is_set():
             try:
-                self._queue.put(item, timeout=0.5)
+                target.put(message, timeout=0.5)
                 return
             except queue.Full:
                 continue  # backpressure: the broker holds the rest meanwhile
 
-    # -- the worker thread ---------------------------------------------------------------------
+    # -- the workers ------------------------------------------------------------------------------
 
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
+    def _work_chunks(self) -> None:
+        q = self._queues[Worker.CHUNKS]
+        while (item := q.get()) is not _STOP:
+            assert isinstance(item, Received)
+            self._retrying(partial(self._handle_one, item), item.topic)
+            self._ack([item])
+
+    def _work_ingest(self) -> None:
+        q = self._queues[Worker.INGEST]
+        while (first := q.get()) is not _STOP:
+            batch = [first]
+            stop_after = False
+            while len(batch) < INGEST_BATCH_SIZE:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop_after = True
+                    break
+                batch.append(item)
+            received = [item for item in batch if isinstance(item, Received)]
+            if self._batch_handler is None:
+                for item in received:
+                    self._retrying(partial(self._handle_one, item), item.topic)
+            else:
+                self._retrying(partial(self._handle_batch, received), f"a batch of {len(received)} messages")
+            self._ack(received)
+            if stop_after:
                 return
-            assert isinstance(item, _Received)
-            self._handle(item)
-            if item.qos > 0 and not self._stopping.is_set():
-                self._client.ack(item.mid, item.qos)
 
-    def _handle(self, item: _Received) -> None:
+    def _handle_one(self, item: Received) -> None:
+        try:
+            self._handler(item.topic, item.payload)
+        except MessageError as exc:
+            self._count(rejected=1)
+            log.warning("dropped a message on %.200s: %s", item.topic, exc)
+            return
+        self._count(handled=1)
+
+    def _handle_batch(self, items: list[Received]) -> None:
+        assert self._batch_handler is not None
+        results = self._batch_handler([(item.topic, item.payload) for item in items])
+        for item, error in zip(items, results, strict=True):
+            if error is not None:
+                log.warning("dropped a message on %.200s: %s", item.topic, error)
+        rejected = sum(1 for error in results if error is not None)
+        self._count(handled=len(items) - rejected, rejected=rejected)
+
+    def _retrying(self, attempt_fn: Callable[[], None], what: str) -> None:
         for attempt in range(HANDLER_ATTEMPTS):
             try:
-                self._handler(item.topic, item.payload)
-                self.messages_handled += 1
-                return
-            except MessageError as exc:
-                self.messages_rejected += 1
-                log.warning("dropped a message on %.200s: %s", item.topic, exc)
+                attempt_fn()
                 return
             except Exception:
                 # Not the message's fault (database busy or down, disk error): try again a few
                 # times, then give up on it rather than block every other device.
                 if attempt + 1 == HANDLER_ATTEMPTS or self._stopping.is_set():
-                    log.exception("giving up on a message on %.200s", item.topic)
+                    log.exception("giving up on %.200s", what)
                     return
-                log.warning("handling a message on %.200s failed; retrying", item.topic, exc_info=True)
+                log.warning("handling %.200s failed; retrying", what, exc_info=True)
                 time.sleep(_RETRY_DELAYS_S[min(attempt, len(_RETRY_DELAYS_S) - 1)])
 
-    def _drain(self) -> None:
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                return
+    def _ack(self, items: Sequence[Received]) -> None:
+        if self._stopping.is_set():
+            return  # unacknowledged: the broker delivers them again on the next start
+        for item in items:
+            self._link.ack(item)
+
+    def _count(self, *, handled: int = 0, rejected: int = 0) -> None:
+        with self._count_lock:
+            self.messages_handled += handled
+            self.messages_rejected += rejected
 
 
-def _set_tcp_nodelay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):  # not a TCP socket (e.g. a unix socket): nothing to tune
-        pass
+def _drain(q: queue.Queue[Received | object]) -> None:
+    while True:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            return
+

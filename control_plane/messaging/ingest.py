@@ -1,6 +1,6 @@
 """Ingest: what the control plane does with each message a device publishes.
 
-One handler per leaf (see :mod:`shared.topics`)::
+One handler per leaf (:attr:`Ingestor.routes`, see :mod:`shared.wire.topics`)::
 
     reported        -> Device row (auto-registered), pending deployments whose bundle now
                        serves are marked succeeded
@@ -14,6 +14,10 @@ ACLs authenticate the topic, not the payload). Anything that does not decode rai
 :class:`~shared.errors.MessageError` before the database is touched; the MQTT bridge logs it
 and drops the message.
 
+Database messages can be applied one by one or as a batch in one transaction
+(:meth:`Ingestor.handle_batch`, what the MQTT bridge's ingest worker uses); chunk requests
+are served on a worker of their own (see :mod:`control_plane.messaging.bridge`).
+
 Ingest is idempotent: MQTT QoS 1 delivers at least once, and after a control-plane restart the
 broker redelivers whatever was not acknowledged, so every handler must tolerate seeing the
 same message twice.
@@ -24,8 +28,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeAlias
 
 from sqlalchemy import Engine, update
 from sqlalchemy.exc import IntegrityError
@@ -46,7 +52,13 @@ from edgefleet.control_plane.db.tables import (
 from edgefleet.control_plane.messaging.publisher import MessagePublisher
 from edgefleet.shared.errors import MessageError, NotFoundError
 from edgefleet.shared.wire.chunks import Chunk, ChunkError, ChunkRequest, chunk_count
-from edgefleet.shared.wire.messages import DeviceStatus, RejectionEvent, ReportedState, decode_event
+from edgefleet.shared.wire.messages import (
+    DeploymentEvent,
+    DeviceStatus,
+    RejectionEvent,
+    ReportedState,
+    decode_event,
+)
 from edgefleet.shared.wire.topics import Leaf, device_topic, parse_device_topic
 
 log = logging.getLogger(__name__)
@@ -54,6 +66,19 @@ log = logging.getLogger(__name__)
 DEPLOYMENT_EVENT_KIND = "deployment"
 CHUNK_GRANT_TTL_S = 2.0  # seconds a device's checked right to a bundle serves its next requests unasked
 MAX_CHUNK_GRANTS = 10_000  # count of remembered (device, bundle, chunk size) rights before they are dropped
+
+
+DeviceMessage: TypeAlias = ReportedState | DeviceStatus | DeploymentEvent | RejectionEvent
+_WHAT = {Leaf.REPORTED: "reported state", Leaf.EVENTS: "event", Leaf.STATUS: "status"}  # for error messages
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoded:
+    """A message that decoded and names the device of its topic, ready to apply."""
+
+    leaf: Leaf
+    device_id: str
+    message: DeviceMessage
 
 
 class ChunkErrorCode:
@@ -99,23 +124,67 @@ class Ingestor:
         self._grants: dict[tuple[str, str, int], tuple[float, int]] = {}
 
     def handle(self, topic: str, payload: bytes) -> None:
-        """Dispatch one received message by its topic.
+        """Dispatch one received message by its topic's leaf (see :attr:`routes`).
 
         Raises:
             MessageError: The topic is not a device-published one, or the payload does not
                 decode or names another device. Nothing was changed.
         """
         device_id, leaf = parse_device_topic(topic)
-        if leaf is Leaf.REPORTED:
-            self.handle_reported_state(device_id, payload)
-        elif leaf is Leaf.EVENTS:
-            self.handle_deployment_event(device_id, payload)
-        elif leaf is Leaf.STATUS:
-            self.handle_status(device_id, payload)
-        elif leaf is Leaf.CHUNK_REQUEST:
-            self.handle_chunk_request(device_id, payload)
-        else:
+        handler = self.routes.get(leaf)
+        if handler is None:
             raise MessageError(f"{leaf.value!r} is a topic the control plane publishes, not one it ingests")
+        handler(device_id, payload)
+
+    @property
+    def routes(self) -> dict[Leaf, Callable[[str, bytes], object]]:
+        """The dispatch table: leaf -> handler of (device id, payload)."""
+        return {
+            Leaf.REPORTED: self.handle_reported_state,
+            Leaf.EVENTS: self.handle_deployment_event,
+            Leaf.STATUS: self.handle_status,
+            Leaf.CHUNK_REQUEST: self.handle_chunk_request,
+        }
+
+    def handle_batch(self, messages: Sequence[tuple[str, bytes]]) -> list[MessageError | None]:
+        """Apply many (topic, payload) messages in arrival order, in one database transaction.
+
+        Each payload is decoded first; one that does not decode is rejected alone (its
+        MessageError is in the result) and never reaches the database. If the transaction
+        fails on a constraint (the same event committed meanwhile by another replica), the
+        batch is applied again one message per transaction, which handles that case.
+
+        Returns:
+            Per message, the MessageError that rejected it, or None.
+
+        Raises:
+            SQLAlchemyError: The database failed for another reason; nothing was committed.
+        """
+        results: list[MessageError | None] = []
+        decoded: list[_Decoded] = []
+        for topic, payload in messages:
+            try:
+                device_id, leaf = parse_device_topic(topic)
+                if leaf is Leaf.CHUNK_REQUEST:  # not a database write: served at once
+                    self.handle_chunk_request(device_id, payload)
+                else:
+                    decoded.append(self._decode(device_id, leaf, payload))
+            except MessageError as exc:
+                results.append(exc)
+            else:
+                results.append(None)
+        if not decoded:
+            return results
+        now = self._clock()
+        try:
+            with Session(self._engine) as session:
+                for message in decoded:
+                    self._apply(session, message, now)
+                session.commit()
+        except IntegrityError:
+            for message in decoded:
+                self._apply_alone(message, now)
+        return results
 
     def handle_reported_state(self, device_id: str, payload: bytes) -> None:
         """Store a device's reported state; mark pending deployments it shows serving succeeded.
@@ -123,73 +192,7 @@ class Ingestor:
         A report older than the stored one (lower ``(applied_sequence, ts)``, e.g. a QoS 1
         redelivery after a newer message) only refreshes ``last_seen_at``.
         """
-        report = ReportedState.decode(payload)
-        _require_same_device(report.device_id, device_id, "reported state")
-        now = self._clock()
-        with Session(self._engine) as session:
-            device = _get_or_register(session, device_id, now)
-            device.last_seen_at = _utc(now)
-            stale = device.reported_ts is not None and (report.applied_sequence, report.ts) < (
-                device.applied_sequence,
-                device.reported_ts,
-            )
-            if stale:
-                log.debug("ignoring a stale reported state of %s", device_id)
-                session.add(device)
-                session.commit()
-                return
-            device.applied_sequence = report.applied_sequence
-            device.reported_ts = report.ts
-            device.reported_json = report.encode().decode()
-            device.agent_json = json.dumps(report.agent, sort_keys=True)
-            session.add(device)
-            # A device that applied a higher sequence than we ever signed means our database
-            # was restored or reset: continue above it, or the device refuses every new state.
-            session.exec(
-                update(Device)
-                .where(col(Device.id) == device_id, col(Device.desired_sequence) < report.applied_sequence)
-                .values(desired_sequence=report.applied_sequence)
-            )
-            serving = {(m.name, m.bundle_digest) for m in report.models if m.state == "serving"}
-            pending = session.exec(
-                select(Deployment).where(
-                    Deployment.device_id == device_id, col(Deployment.status) == DeploymentStatus.PENDING
-                )
-            ).all()
-            for deployment in pending:
-                if (deployment.model_name, deployment.bundle_digest) in serving:
-                    deployment.status = DeploymentStatus.SUCCEEDED
-                    deployment.message = "the device reports the bundle serving"
-                    deployment.updated_at = _utc(now)
-                    session.add(deployment)
-            session.commit()
-
-    def _record_rejection(self, event: RejectionEvent, now: float) -> bool:
-        """Store a device's refusal of a message (idempotent by event id)."""
-        log.warning("device %s rejected a %s message: %s: %s", event.device_id, event.subject, event.code,
-                    event.message)
-        with Session(self._engine) as session:
-            if session.exec(select(DeviceEvent.id).where(DeviceEvent.event_id == event.event_id)).first() is not None:
-                return False
-            device = _get_or_register(session, event.device_id, now)
-            device.last_seen_at = _utc(now)
-            session.add(device)
-            session.add(
-                DeviceEvent(
-                    event_id=event.event_id,
-                    device_id=event.device_id,
-                    ts=event.ts,
-                    kind="rejected",
-                    payload_json=event.encode().decode(),
-                    received_at=_utc(now),
-                )
-            )
-            try:
-                session.commit()
-            except IntegrityError:
-                session.rollback()
-                return False
-        return True
+        self._apply_alone(self._decode(device_id, Leaf.REPORTED, payload), self._clock())
 
     def handle_deployment_event(self, device_id: str, payload: bytes) -> bool:
         """Record a deployment event once and apply its outcome to the matching deployment.
@@ -201,52 +204,7 @@ class Ingestor:
         Returns:
             True if the event was new, False for a duplicate ``event_id``.
         """
-        event = decode_event(payload)
-        _require_same_device(event.device_id, device_id, "event")
-        now = self._clock()
-        if isinstance(event, RejectionEvent):
-            return self._record_rejection(event, now)
-        with Session(self._engine) as session:
-            if session.exec(select(DeviceEvent.id).where(DeviceEvent.event_id == event.event_id)).first() is not None:
-                return False
-            device = _get_or_register(session, device_id, now)
-            device.last_seen_at = _utc(now)
-            session.add(device)
-            session.add(
-                DeviceEvent(
-                    event_id=event.event_id,
-                    device_id=device_id,
-                    ts=event.ts,
-                    kind=DEPLOYMENT_EVENT_KIND,
-                    payload_json=event.encode().decode(),
-                    received_at=_utc(now),
-                )
-            )
-            matching = session.exec(
-                select(Deployment).where(
-                    Deployment.device_id == device_id,
-                    Deployment.model_name == event.name,
-                    Deployment.bundle_digest == event.bundle_digest,
-                    Deployment.sequence <= event.sequence,
-                    col(Deployment.status) == DeploymentStatus.PENDING,
-                )
-            ).all()
-            for deployment in matching:
-                deployment.status = DeploymentStatus(event.outcome.value)
-                deployment.error_code = event.error_code
-                deployment.message = event.message
-                deployment.updated_at = _utc(now)
-                session.add(deployment)
-            try:
-                session.commit()
-            except IntegrityError:
-                # The same event_id committed concurrently (another replica, or a redelivery
-                # racing this one): it is recorded, which is all that matters.
-                session.rollback()
-                return False
-        if not matching:
-            log.info("event %s from %s matches no pending deployment", event.event_id, device_id)
-        return True
+        return self._apply_alone(self._decode(device_id, Leaf.EVENTS, payload), self._clock())
 
     def handle_status(self, device_id: str, payload: bytes) -> None:
         """Apply a device's online/offline status (the offline form is its MQTT last will).
@@ -254,15 +212,145 @@ class Ingestor:
         Applied in arrival order, not by ``ts``: a last will carries the time it was set, at
         connect, which is older than the "online" published right after it.
         """
-        status = DeviceStatus.decode(payload)
-        _require_same_device(status.device_id, device_id, "status")
-        now = self._clock()
+        self._apply_alone(self._decode(device_id, Leaf.STATUS, payload), self._clock())
+
+    # -- decode, then apply within a session --------------------------------------------------------
+
+    def _decode(self, device_id: str, leaf: Leaf, payload: bytes) -> _Decoded:
+        message: DeviceMessage
+        if leaf is Leaf.REPORTED:
+            message = ReportedState.decode(payload)
+        elif leaf is Leaf.EVENTS:
+            message = decode_event(payload)
+        elif leaf is Leaf.STATUS:
+            message = DeviceStatus.decode(payload)
+        else:
+            raise MessageError(f"{leaf.value!r} is a topic the control plane publishes, not one it ingests")
+        _require_same_device(message.device_id, device_id, _WHAT[leaf])
+        return _Decoded(leaf=leaf, device_id=device_id, message=message)
+
+    def _apply_alone(self, decoded: _Decoded, now: float) -> bool:
+        """Apply one message in a transaction of its own; False if it changed nothing new."""
         with Session(self._engine) as session:
-            device = _get_or_register(session, device_id, now)
-            device.online = status.online
-            device.last_seen_at = _utc(now)
+            changed = self._apply(session, decoded, now)
+            try:
+                session.commit()
+            except IntegrityError:
+                # The same event_id committed concurrently (another replica, or a redelivery
+                # racing this one): it is recorded, which is all that matters.
+                session.rollback()
+                return False
+        return changed
+
+    def _apply(self, session: Session, decoded: _Decoded, now: float) -> bool:
+        message = decoded.message
+        if isinstance(message, ReportedState):
+            self._apply_reported(session, decoded.device_id, message, now)
+            return True
+        if isinstance(message, DeviceStatus):
+            self._apply_status(session, decoded.device_id, message, now)
+            return True
+        if isinstance(message, RejectionEvent):
+            return self._apply_rejection(session, message, now)
+        return self._apply_event(session, decoded.device_id, message, now)
+
+    def _apply_reported(self, session: Session, device_id: str, report: ReportedState, now: float) -> None:
+        device = _get_or_register(session, device_id, now)
+        device.last_seen_at = _utc(now)
+        stale = device.reported_ts is not None and (report.applied_sequence, report.ts) < (
+            device.applied_sequence,
+            device.reported_ts,
+        )
+        if stale:
+            log.debug("ignoring a stale reported state of %s", device_id)
             session.add(device)
-            session.commit()
+            return
+        device.applied_sequence = report.applied_sequence
+        device.reported_ts = report.ts
+        device.reported_json = report.encode().decode()
+        device.agent_json = json.dumps(report.agent, sort_keys=True)
+        session.add(device)
+        # A device that applied a higher sequence than we ever signed means our database
+        # was restored or reset: continue above it, or the device refuses every new state.
+        session.exec(
+            update(Device)
+            .where(col(Device.id) == device_id, col(Device.desired_sequence) < report.applied_sequence)
+            .values(desired_sequence=report.applied_sequence)
+        )
+        serving = {(m.name, m.bundle_digest) for m in report.models if m.state == "serving"}
+        pending = session.exec(
+            select(Deployment).where(
+                Deployment.device_id == device_id, col(Deployment.status) == DeploymentStatus.PENDING
+            )
+        ).all()
+        for deployment in pending:
+            if (deployment.model_name, deployment.bundle_digest) in serving:
+                deployment.status = DeploymentStatus.SUCCEEDED
+                deployment.message = "the device reports the bundle serving"
+                deployment.updated_at = _utc(now)
+                session.add(deployment)
+
+    def _apply_rejection(self, session: Session, event: RejectionEvent, now: float) -> bool:
+        """Store a device's refusal of a message (idempotent by event id)."""
+        if session.exec(select(DeviceEvent.id).where(DeviceEvent.event_id == event.event_id)).first() is not None:
+            return False
+        log.warning("device %s rejected a %s message: %s: %s", event.device_id, event.subject, event.code,
+                    event.message)
+        device = _get_or_register(session, event.device_id, now)
+        device.last_seen_at = _utc(now)
+        session.add(device)
+        session.add(
+            DeviceEvent(
+                event_id=event.event_id,
+                device_id=event.device_id,
+                ts=event.ts,
+                kind="rejected",
+                payload_json=event.encode().decode(),
+                received_at=_utc(now),
+            )
+        )
+        return True
+
+    def _apply_event(self, session: Session, device_id: str, event: DeploymentEvent, now: float) -> bool:
+        if session.exec(select(DeviceEvent.id).where(DeviceEvent.event_id == event.event_id)).first() is not None:
+            return False
+        device = _get_or_register(session, device_id, now)
+        device.last_seen_at = _utc(now)
+        session.add(device)
+        session.add(
+            DeviceEvent(
+                event_id=event.event_id,
+                device_id=device_id,
+                ts=event.ts,
+                kind=DEPLOYMENT_EVENT_KIND,
+                payload_json=event.encode().decode(),
+                received_at=_utc(now),
+            )
+        )
+        matching = session.exec(
+            select(Deployment).where(
+                Deployment.device_id == device_id,
+                Deployment.model_name == event.name,
+                Deployment.bundle_digest == event.bundle_digest,
+                Deployment.sequence <= event.sequence,
+                col(Deployment.status) == DeploymentStatus.PENDING,
+            )
+        ).all()
+        for deployment in matching:
+            deployment.status = DeploymentStatus(event.outcome.value)
+            deployment.error_code = event.error_code
+            deployment.message = event.message
+            deployment.updated_at = _utc(now)
+            session.add(deployment)
+        if not matching:
+            log.info("event %s from %s matches no pending deployment", event.event_id, device_id)
+        return True
+
+    def _apply_status(self, session: Session, device_id: str, status: DeviceStatus, now: float) -> None:
+        device = _get_or_register(session, device_id, now)
+        device.online = status.online
+        device.last_seen_at = _utc(now)
+        session.add(device)
 
     def handle_chunk_request(self, device_id: str, payload: bytes) -> None:
         """Answer a chunk request with the chunks, or with one ChunkError saying why not.

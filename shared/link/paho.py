@@ -1,8 +1,10 @@
-"""paho-mqtt client construction shared by the agent and the control plane.
+"""paho-mqtt client construction: the one place that tunes a paho client for edgefleet.
 
 Two settings matter more than they look (measured, see docs/architecture.md): TCP_NODELAY on the
 socket (without it a QoS-1 request/response stalls 44-88 ms on Nagle + delayed ACK) and a
-moderate in-flight window (paho is slower with large ones).
+moderate in-flight window (paho is slower with large ones). :func:`client_for` builds a client
+from :class:`~edgefleet.shared.link.base.LinkOptions`; :func:`make_client` is the same for code
+that drives paho's own loop (tests, tools).
 """
 
 from __future__ import annotations
@@ -12,17 +14,24 @@ import ssl
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.shared.errors import ConfigError
+from edgefleet.shared.link.base import QOS, LinkOptions
 
 MAX_INFLIGHT_MESSAGES = 20  # count
 
 
-def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+def set_nodelay(sock: Any) -> None:
+    """Turn Nagle off on a client socket (a no-op for sockets that are not TCP)."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (OSError, AttributeError):
         pass  # not a TCP socket (e.g. websockets/unix): nothing to tune
+
+
+def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    set_nodelay(sock)
 
 
 def make_client(
@@ -36,6 +45,8 @@ def make_client(
     tls_key_file: str | None = None,
     reconnect_min_s: float = 0.5,
     reconnect_max_s: float = 30.0,
+    max_inflight: int = MAX_INFLIGHT_MESSAGES,
+    manual_ack: bool = False,
 ) -> mqtt.Client:
     """A paho 2.x client (callback API v2, MQTT 3.1.1) tuned for edgefleet.
 
@@ -49,19 +60,44 @@ def make_client(
             cannot be read or do not belong together.
     """
     client = mqtt.Client(
-        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
         clean_session=clean_session,
         protocol=mqtt.MQTTv311,
+        manual_ack=manual_ack,
     )
     client.on_socket_open = _set_nodelay
-    client.max_inflight_messages_set(MAX_INFLIGHT_MESSAGES)
+    client.max_inflight_messages_set(max_inflight)
     client.max_queued_messages_set(0)  # unbounded: our own layers bound what they queue
     # paho takes whole seconds; sub-second minimums round up to 1.
     client.reconnect_delay_set(min_delay=max(1, int(reconnect_min_s)), max_delay=max(1, int(reconnect_max_s)))
     if username is not None:
         client.username_pw_set(username, password)
     configure_tls(client, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file)
+    return client
+
+
+def client_for(options: LinkOptions) -> mqtt.Client:
+    """A client configured by ``options``: session, credentials, TLS, window, last will.
+
+    Raises:
+        ConfigError: TLS files that cannot be read or do not belong together.
+    """
+    client = make_client(
+        options.client_id,
+        clean_session=options.clean_session,
+        username=options.username,
+        password=options.password,
+        tls_ca_file=options.tls_ca_file,
+        tls_cert_file=options.tls_cert_file,
+        tls_key_file=options.tls_key_file,
+        reconnect_min_s=options.reconnect_min_s,
+        reconnect_max_s=options.reconnect_max_s,
+        max_inflight=options.max_inflight,
+        manual_ack=options.manual_ack,
+    )
+    if options.will is not None:
+        client.will_set(options.will.topic, options.will.payload, qos=QOS, retain=options.will.retain)
     return client
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine
+from sqlalchemy import event as sa_event
 from sqlmodel import Session, SQLModel, select
 
 from edgefleet.control_plane.bundles.store import BundleStore
@@ -31,7 +32,7 @@ from edgefleet.control_plane.messaging.ingest import ChunkErrorCode, Ingestor
 from edgefleet.shared.errors import MessageError
 from edgefleet.shared.wire.chunks import Chunk, ChunkError, ChunkRequest, chunk_count, decode_chunk_message
 from edgefleet.shared.wire.messages import DeploymentEvent, DeviceStatus, ModelReport, Outcome, ReportedState
-from edgefleet.shared.wire.topics import Leaf, device_topic
+from edgefleet.shared.wire.topics import DEVICE_PUBLISHES, Leaf, device_topic
 
 NOW = 1_800_000_000.0
 CHUNK = 1024  # the smallest chunk size the wire allows: several chunks from a small bundle
@@ -413,3 +414,105 @@ def test_requests_past_the_limits_get_one_chunk_error_and_no_chunks(
 
     error = _only_error(publisher)
     assert (error.bundle_digest, error.code) == (digest, code)
+
+
+# --- dispatch table and batches ------------------------------------------------------------------
+
+
+def test_every_leaf_a_device_publishes_has_a_handler(ingestor: Ingestor) -> None:
+    assert set(ingestor.routes) == set(DEVICE_PUBLISHES)
+
+
+def test_a_batch_is_applied_in_arrival_order_like_one_message_at_a_time(engine: Engine, ingestor: Ingestor) -> None:
+    _add_device(engine, "dev-1")
+    deployment = _add_deployment(engine, "dev-1", "m", _digest(1), sequence=1)
+    messages = [
+        (device_topic("dev-1", Leaf.STATUS), DeviceStatus(device_id="dev-1", online=True, ts=NOW).encode()),
+        (device_topic("dev-2", Leaf.REPORTED), _report("dev-2", applied=3)),
+        (device_topic("dev-2", Leaf.REPORTED), _report("dev-2", applied=2, ts=NOW + 1)),  # older: ignored
+        (device_topic("dev-1", Leaf.EVENTS), _event("e1")),
+        (device_topic("dev-1", Leaf.EVENTS), _event("e1")),  # a duplicate within the batch
+        (device_topic("dev-1", Leaf.STATUS), DeviceStatus(device_id="dev-1", online=False, ts=NOW).encode()),
+    ]
+    assert ingestor.handle_batch(messages) == [None] * len(messages)
+
+    with Session(engine) as session:
+        assert [e.event_id for e in session.exec(select(DeviceEvent)).all()] == ["e1"]
+    assert _deployment(engine, deployment).status == DeploymentStatus.SUCCEEDED
+    dev1, dev2 = _device(engine, "dev-1"), _device(engine, "dev-2")
+    assert dev1 is not None and dev1.online is False  # arrival order: the last status wins
+    assert dev2 is not None and dev2.applied_sequence == 3
+
+
+def test_garbage_in_a_batch_is_rejected_alone(engine: Engine, ingestor: Ingestor) -> None:
+    results = ingestor.handle_batch([
+        (device_topic("dev-1", Leaf.REPORTED), b"not json"),
+        (device_topic("dev-1", Leaf.REPORTED), _report("dev-1", applied=2)),
+        (device_topic("dev-1", Leaf.STATUS), DeviceStatus(device_id="dev-9", online=True, ts=NOW).encode()),
+        (device_topic("dev-1", Leaf.DESIRED), b"{}"),
+        ("elsewhere/dev-1/reported", _report("dev-1")),
+    ])
+
+    assert [type(r) for r in results] == [MessageError, type(None), MessageError, MessageError, MessageError]
+    device = _device(engine, "dev-1")
+    assert device is not None and device.applied_sequence == 2 and device.online is False
+
+
+def test_a_batch_uses_one_transaction(engine: Engine, ingestor: Ingestor) -> None:
+    commits: list[object] = []
+
+    def count(conn: object) -> None:
+        commits.append(conn)
+
+    sa_event.listen(engine, "commit", count)
+    try:
+        ingestor.handle_batch([(device_topic(f"dev-{i}", Leaf.REPORTED), _report(f"dev-{i}")) for i in range(50)])
+    finally:
+        sa_event.remove(engine, "commit", count)
+    assert len(commits) == 1
+    assert all(_device(engine, f"dev-{i}") is not None for i in range(50))
+
+
+def test_a_batch_that_hits_a_constraint_is_applied_one_message_at_a_time(
+    engine: Engine, ingestor: Ingestor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingestor.handle_deployment_event("dev-1", _event("e1"))
+    # Another replica commits e1 between our duplicate check and our commit: the check misses it.
+    calls = {"n": 0}
+    real = Ingestor._apply_event
+
+    def racing(self: Ingestor, session: Session, device_id: str, event: DeploymentEvent, now: float) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            session.add(DeviceEvent(event_id=event.event_id, device_id=device_id, ts=event.ts, kind="deployment",
+                                    payload_json="{}", received_at=datetime.fromtimestamp(NOW, UTC)))
+            return True
+        return real(self, session, device_id, event, now)
+
+    monkeypatch.setattr(Ingestor, "_apply_event", racing)
+    results = ingestor.handle_batch([
+        (device_topic("dev-1", Leaf.EVENTS), _event("e1")),
+        (device_topic("dev-2", Leaf.REPORTED), _report("dev-2", applied=7)),
+    ])
+
+    assert results == [None, None]
+    dev2 = _device(engine, "dev-2")
+    assert dev2 is not None and dev2.applied_sequence == 7  # not lost with the failed batch
+    with Session(engine) as session:
+        assert [e.event_id for e in session.exec(select(DeviceEvent)).all()] == ["e1"]
+
+
+def test_a_chunk_request_in_a_batch_is_served(
+    ingestor: Ingestor, engine: Engine, publisher: FakePublisher, bundle: tuple[str, bytes]
+) -> None:
+    digest, data = bundle
+    _add_model(engine, "m", "1", digest, size=len(data))
+    _add_device(engine, "dev-1", {"m": "1"})
+
+    results = ingestor.handle_batch([(device_topic("dev-1", Leaf.CHUNK_REQUEST), _chunk_request(digest, (0,)))])
+
+    assert results == [None]
+    [(topic, payload, _)] = publisher.sent
+    assert topic == device_topic("dev-1", Leaf.CHUNK_DATA)
+    chunk = decode_chunk_message(payload)
+    assert isinstance(chunk, Chunk) and chunk.data == data[:CHUNK]
