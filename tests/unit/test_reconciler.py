@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import edgefleet.agent.deployment.reconciler as reconciler_module
+import edgefleet.agent.deployment.executor as executor_module
 from edgefleet.agent.config import AgentConfig, TrustConfig
 from edgefleet.agent.deployment.machine import RECOVERY, Recovery, State
 from edgefleet.agent.deployment.reconciler import Reconciler
@@ -275,7 +275,7 @@ def kill_at(monkeypatch: pytest.MonkeyPatch, state: str) -> None:
         if current == state:
             raise Killed(current)
 
-    monkeypatch.setattr(reconciler_module, "pause_point", pause_point)
+    monkeypatch.setattr(executor_module, "pause_point", pause_point)
 
 
 # -- outcomes ----------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def test_failed_no_change_when_the_disk_fills_while_staging(
     device: Device, releases: dict[str, Release], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     device.deploy(1, releases["v1"])
-    real_extract = reconciler_module.extract_bundle
+    real_extract = executor_module.extract_bundle
 
     def extract_until_full(bundle: Path, dest: Path, **kwargs: object) -> object:
         def no_space(*args: object, **kw: object) -> None:
@@ -337,7 +337,7 @@ def test_failed_no_change_when_the_disk_fills_while_staging(
             m.setattr("edgefleet.shared.bundle.format._copy_hashed", no_space)
             return real_extract(bundle, dest, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(reconciler_module, "extract_bundle", extract_until_full)
+    monkeypatch.setattr(executor_module, "extract_bundle", extract_until_full)
     assert device.deploy(2, releases["v2"]) is False, "disk full is not retried under the same desired state"
     assert device.outcomes()[-1] == ("2.0.0", Outcome.FAILED_NO_CHANGE)
     assert device.events()[-1].error_code == "OSError"
@@ -346,7 +346,7 @@ def test_failed_no_change_when_the_disk_fills_while_staging(
     assert device.on_disk().failed == {MODEL: releases["v2"].digest}
     device.assert_clean()  # includes: the downloaded bundle was dropped, giving its space back
     # A later desired state is not blocked by the failure.
-    monkeypatch.setattr(reconciler_module, "extract_bundle", real_extract)
+    monkeypatch.setattr(executor_module, "extract_bundle", real_extract)
     device.deploy(3, releases["v3"])
     assert device.outcomes()[-1] == ("3.0.0", Outcome.SUCCEEDED)
     device.assert_serves(releases["v3"])
@@ -528,7 +528,7 @@ def _interrupt(device: Device, releases: dict[str, Release], state: State, monke
     kill_at(monkeypatch, state.value)
     with pytest.raises(Killed):
         device.deploy(2, target)
-    monkeypatch.setattr(reconciler_module, "pause_point", lambda current: None)
+    monkeypatch.setattr(executor_module, "pause_point", lambda current: None)
     assert device.on_disk().in_progress.state == state.value  # type: ignore[union-attr]
 
 
@@ -579,7 +579,7 @@ def test_killed_mid_unpack_leaves_no_debris_after_recovery(
         (debris / "model.onnx").write_bytes(b"half a model")
         raise Killed("staging")
 
-    monkeypatch.setattr(reconciler_module, "extract_bundle", killed_while_writing)
+    monkeypatch.setattr(executor_module, "extract_bundle", killed_while_writing)
     with pytest.raises(Killed):
         device.deploy(2, releases["v2"])
     # The desired state moves on before the agent comes back: nothing will redo this unpack.
@@ -605,7 +605,7 @@ def test_an_unproven_model_is_never_reported_serving(
         if current == state.value:
             seen.append(device.reconciler.reported_state())  # what a heartbeat would send now
 
-    monkeypatch.setattr(reconciler_module, "pause_point", pause_point)
+    monkeypatch.setattr(executor_module, "pause_point", pause_point)
     device.deploy(2, releases[KILLED_DEPLOYMENT[state]])
     assert len(seen) == 1
     unproven = releases[KILLED_DEPLOYMENT[state]].digest
