@@ -6,7 +6,7 @@ built and signed in the test (or fails the way a transfer can), and an in-memory
 was published. :meth:`Device.reboot` starts a new one on the same data directory, which is what
 an agent restarted after SIGKILL sees.
 
-"Killed in state S" is simulated by replacing the reconciler's fault pause point with one that
+"Killed in state S" is simulated by replacing the executor's fault pause point with one that
 raises :class:`Killed` (a ``BaseException``, so no ``except Exception`` swallows it) right after
 S was persisted: the files on disk are then exactly what a SIGKILL there leaves behind.
 """
@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import edgefleet.agent.deployment.executor as executor_module
+import edgefleet.agent.deployment.steps as steps_module
 from edgefleet.agent.config import AgentConfig, TrustConfig
 from edgefleet.agent.deployment.machine import RECOVERY, Recovery, State
 from edgefleet.agent.deployment.reconciler import Reconciler
@@ -327,7 +328,7 @@ def test_failed_no_change_when_the_disk_fills_while_staging(
     device: Device, releases: dict[str, Release], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     device.deploy(1, releases["v1"])
-    real_extract = executor_module.extract_bundle
+    real_extract = steps_module.extract_bundle
 
     def extract_until_full(bundle: Path, dest: Path, **kwargs: object) -> object:
         def no_space(*args: object, **kw: object) -> None:
@@ -337,7 +338,7 @@ def test_failed_no_change_when_the_disk_fills_while_staging(
             m.setattr("edgefleet.shared.bundle.format._copy_hashed", no_space)
             return real_extract(bundle, dest, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(executor_module, "extract_bundle", extract_until_full)
+    monkeypatch.setattr(steps_module, "extract_bundle", extract_until_full)
     assert device.deploy(2, releases["v2"]) is False, "disk full is not retried under the same desired state"
     assert device.outcomes()[-1] == ("2.0.0", Outcome.FAILED_NO_CHANGE)
     assert device.events()[-1].error_code == "OSError"
@@ -346,7 +347,7 @@ def test_failed_no_change_when_the_disk_fills_while_staging(
     assert device.on_disk().failed == {MODEL: releases["v2"].digest}
     device.assert_clean()  # includes: the downloaded bundle was dropped, giving its space back
     # A later desired state is not blocked by the failure.
-    monkeypatch.setattr(executor_module, "extract_bundle", real_extract)
+    monkeypatch.setattr(steps_module, "extract_bundle", real_extract)
     device.deploy(3, releases["v3"])
     assert device.outcomes()[-1] == ("3.0.0", Outcome.SUCCEEDED)
     device.assert_serves(releases["v3"])
@@ -579,7 +580,7 @@ def test_killed_mid_unpack_leaves_no_debris_after_recovery(
         (debris / "model.onnx").write_bytes(b"half a model")
         raise Killed("staging")
 
-    monkeypatch.setattr(executor_module, "extract_bundle", killed_while_writing)
+    monkeypatch.setattr(steps_module, "extract_bundle", killed_while_writing)
     with pytest.raises(Killed):
         device.deploy(2, releases["v2"])
     # The desired state moves on before the agent comes back: nothing will redo this unpack.
