@@ -27,7 +27,7 @@ import pytest
 import edgefleet.agent.deployment.executor as executor_module
 import edgefleet.agent.deployment.steps as steps_module
 from edgefleet.agent.config import AgentConfig, TrustConfig
-from edgefleet.agent.deployment.machine import RECOVERY, Recovery, State
+from edgefleet.agent.deployment.machine import RECOVERY, Event, Recovery, State, Step
 from edgefleet.agent.deployment.reconciler import Reconciler
 from edgefleet.agent.deployment.state_store import STATE_FILE, AgentState, InProgress, StateStore
 from edgefleet.agent.serving.host import ModelHost
@@ -617,3 +617,79 @@ def test_state_file_round_trips(device: Device, releases: dict[str, Release]) ->
     device.deploy(1, releases["v1"])
     device.deploy(2, releases["bad"])
     assert AgentState.from_dict(device.store.state.to_dict()) == device.on_disk() == device.store.state
+
+
+# -- every state change goes through the table ------------------------------------------------------
+
+
+def record_transitions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[State, Event]]:
+    """Every (state, event) the executor hands to the transition table, in order."""
+    fired: list[tuple[State, Event]] = []
+    real_advance = executor_module.advance
+
+    def advance(state: State, event: Event) -> Step:
+        fired.append((state, event))
+        return real_advance(state, event)
+
+    monkeypatch.setattr(executor_module, "advance", advance)
+    return fired
+
+
+def test_a_rollback_ends_through_the_rolling_back_rows(
+    device: Device, releases: dict[str, Release], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device.deploy(1, releases["v1"])
+    fired = record_transitions(monkeypatch)
+    device.deploy(2, releases["bad"])
+    assert fired[-2:] == [(State.HEALTH_CHECKING, Event.FAIL), (State.ROLLING_BACK, Event.ROLLED_BACK)]
+    assert [e for _, e in fired[:6]] == [
+        Event.START, Event.DOWNLOADED, Event.VERIFIED, Event.STAGED, Event.ACTIVATED, Event.FAIL
+    ]
+
+
+def test_a_rollback_that_cannot_load_the_previous_model_fires_rollback_failed(
+    device: Device, releases: dict[str, Release], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device.deploy(1, releases["v1"])
+    (device.data_dir / "models" / MODEL / releases["v1"].slot / "model.onnx").unlink()
+    fired = record_transitions(monkeypatch)
+    device.deploy(2, releases["bad"])
+    assert fired[-1] == (State.ROLLING_BACK, Event.ROLLBACK_FAILED)
+
+
+@pytest.mark.parametrize("state", [State.ACTIVATING, State.HEALTH_CHECKING, State.ROLLING_BACK])
+def test_boot_recovery_rolls_back_through_the_recover_event(
+    device: Device, releases: dict[str, Release], state: State, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device.deploy(1, releases["v1"])
+    _interrupt(device, releases, state, monkeypatch)
+    fired = record_transitions(monkeypatch)
+    rebooted = device.reboot()
+    assert fired == [(state, Event.RECOVER), (State.ROLLING_BACK, Event.ROLLED_BACK)]
+    rebooted.host.close_all()
+
+
+@pytest.mark.parametrize("state", [State.PENDING, State.DOWNLOADING, State.VERIFYING, State.STAGING])
+def test_boot_recovery_starts_over_through_the_recover_event(
+    device: Device, releases: dict[str, Release], state: State, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device.deploy(1, releases["v1"])
+    _interrupt(device, releases, state, monkeypatch)
+    fired = record_transitions(monkeypatch)
+    rebooted = device.reboot()
+    assert fired == [(state, Event.RECOVER)]
+    assert rebooted.on_disk().in_progress is None, "PENDING is never persisted"
+    rebooted.host.close_all()
+
+
+def test_an_unexpected_error_in_a_step_is_an_outcome_not_a_dead_worker(
+    device: Device, releases: dict[str, Release]
+) -> None:
+    device.deploy(1, releases["v1"])
+    device.fetcher.failures[releases["v2"].digest] = ValueError("a bug in a transfer")
+    assert device.deploy(2, releases["v2"]) is False
+    assert device.outcomes()[-1] == ("2.0.0", Outcome.FAILED_NO_CHANGE)
+    assert device.events()[-1].error_code == "ValueError"
+    assert device.on_disk().failed == {MODEL: releases["v2"].digest}
+    device.assert_serves(releases["v1"])
+    device.assert_clean()
