@@ -15,7 +15,6 @@ duplicate.
 from __future__ import annotations
 
 import logging
-import platform
 import threading
 import time
 import uuid
@@ -23,7 +22,6 @@ from collections.abc import Callable
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.deployment.executor import Executor
-from edgefleet.agent.deployment.machine import is_unproven
 from edgefleet.agent.deployment.planner import (
     CLOSING,
     Facts,
@@ -33,8 +31,8 @@ from edgefleet.agent.deployment.planner import (
     plan,
     plan_recovery,
 )
-from edgefleet.agent.deployment.shadow_machine import ShadowState
-from edgefleet.agent.deployment.state_store import ShadowModel, StateStore
+from edgefleet.agent.deployment.reporting import reported_state
+from edgefleet.agent.deployment.state_store import StateStore
 from edgefleet.agent.deployment.trust_store import TrustStore
 from edgefleet.agent.serving.host import ModelHost
 from edgefleet.agent.transfer.http import HttpFetcher
@@ -44,10 +42,8 @@ from edgefleet.shared.trust.signing import stored_envelope_payload
 from edgefleet.shared.wire.messages import (
     DESIRED_PAYLOAD_TYPE,
     DesiredState,
-    ModelReport,
     RejectionEvent,
     ReportedState,
-    ShadowReport,
     verify_desired_state,
 )
 from edgefleet.shared.wire.topics import Leaf
@@ -258,52 +254,11 @@ class Reconciler:
             superseded=self._wake.is_set(),
         )
 
-    def _shadow_report(self, entry: ShadowModel) -> ShadowReport | None:
-        if entry.state is ShadowState.FAILED:
-            return ShadowReport(
-                name=entry.name,
-                serving_version=entry.serving_version,
-                version=entry.version,
-                bundle_digest=entry.bundle_digest,
-                state=ShadowState.FAILED.value,
-                message=entry.message,
-            )
-        runner = self._host.shadow(entry.name)
-        if runner is None or runner.bundle_digest != entry.bundle_digest:
-            return None  # not loaded yet
-        return runner.report()
-
     # -- reporting ---------------------------------------------------------------------------
 
     def reported_state(self) -> ReportedState:
         """What this device runs now."""
-        state = self._store.state
-        progress = state.in_progress
-        # A model between activation and a passed health check is live but unproven, and the
-        # control plane takes "serving" as success: leave it out until the deployment ends.
-        unproven = (
-            (progress.name, progress.bundle_digest) if progress is not None and is_unproven(progress.state) else None
-        )
-        models = tuple(
-            ModelReport(
-                name=a.name,
-                version=a.version,
-                bundle_digest=a.bundle_digest,
-                runtime=a.runtime,
-                state="serving" if self._host.get(a.name, a.version) is not None else "failed",
-            )
-            for a in state.active.values()
-            if (a.name, a.bundle_digest) != unproven
-        )
-        shadows = tuple(r for r in map(self._shadow_report, state.shadows.values()) if r is not None)
-        return ReportedState(
-            device_id=self._config.device_id,
-            ts=self._clock(),
-            applied_sequence=state.applied_sequence,
-            models=models,
-            agent={"version": _agent_version(), "arch": platform.machine(), "python": platform.python_version()},
-            shadows=shadows,
-        )
+        return reported_state(self._config.device_id, self._store.state, self._host, now=self._clock())
 
     def publish_reported(self) -> None:
         """Publish the reported state (retained)."""
@@ -312,12 +267,3 @@ class Reconciler:
 
 def _is_duplicate(envelope: bytes, accepted: str | None) -> bool:
     return accepted is not None and envelope == accepted.encode()
-
-
-def _agent_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("edgefleet")
-    except PackageNotFoundError:
-        return "0+unknown"
