@@ -98,12 +98,6 @@ class Executor:
                 return self._shadows.deploy(action)
             case LoadShadow():
                 return self._shadows.load(action)
-            case _:
-                self._perform_bookkeeping(action)
-                return False
-
-    def _perform_bookkeeping(self, action: Action) -> None:
-        match action:
             case Remove():
                 self._remove(action.name)
             case RecoverShadows():
@@ -129,6 +123,7 @@ class Executor:
                 self._store.update(in_progress=None)
             case _:
                 raise TypeError(f"not an action: {action!r}")
+        return False
 
     # -- boot ------------------------------------------------------------------------------------
 
