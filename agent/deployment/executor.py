@@ -17,40 +17,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.deployment import planner
 from edgefleet.agent.deployment.compatibility import raised_floor
 from edgefleet.agent.deployment.failures import Failure, StepFailed, attempt, drops_download
 from edgefleet.agent.deployment.faults import pause_point
 from edgefleet.agent.deployment.machine import Event, State, Step, advance
-from edgefleet.agent.deployment.planner import (
-    Action,
-    CollectDownloads,
-    Deploy,
-    DeployShadow,
-    ForgetFinished,
-    LoadShadow,
-    MarkApplied,
-    PublishReport,
-    RecoverShadows,
-    Remove,
-    ReportFinished,
-    RestartInterrupted,
-    RetuneShadow,
-    RollBackInterrupted,
-    StopShadow,
-)
 from edgefleet.agent.deployment.shadow_installer import ShadowInstaller
 from edgefleet.agent.deployment.state_store import ActiveModel, InProgress, StateStore
 from edgefleet.agent.deployment.steps import BundleSteps, slot_name
-from edgefleet.agent.deployment.trust_store import TrustStore
 from edgefleet.agent.serving.host import ModelHost
-from edgefleet.agent.transfer.http import HttpFetcher
-from edgefleet.agent.transfer.mqtt_chunks import ChunkFetcher
 from edgefleet.shared.runtimes import LoadedModel
 from edgefleet.shared.wire.messages import DeploymentEvent, Outcome
 from edgefleet.shared.wire.topics import Leaf
@@ -67,59 +47,56 @@ class Executor:
         config: AgentConfig,
         store: StateStore,
         host: ModelHost,
-        fetcher: ChunkFetcher,
-        http_fetcher: HttpFetcher | None,
-        trust: TrustStore,
+        steps: BundleSteps,
         publish: Callable[[Leaf, bytes, bool], object],
         publish_reported: Callable[[], None],
         clock: Callable[[], float],
-        cancel: threading.Event,
     ) -> None:
         self._config = config
         self._store = store
         self._host = host
+        self._steps = steps
         self._publish = publish
         self._publish_reported = publish_reported
         self._clock = clock
-        self._steps = BundleSteps(config, trust, fetcher, http_fetcher, cancel)
-        self._shadows = ShadowInstaller(store, host, self._steps, config.shadow)
+        self._shadows = ShadowInstaller(store, host, steps, config.shadow)
 
     @property
     def shadow_fetching(self) -> str | None:
         """The digest of the shadow bundle being downloaded now, if any."""
         return self._shadows.fetching
 
-    def perform(self, action: Action) -> bool:
+    def perform(self, action: planner.Action) -> bool:
         """Carry out ``action``; return True if it failed in a retryable way (try the pass again later)."""
         match action:
-            case Deploy():
+            case planner.Deploy():
                 return self._deploy(action)
-            case DeployShadow():
+            case planner.DeployShadow():
                 return self._shadows.deploy(action)
-            case LoadShadow():
+            case planner.LoadShadow():
                 return self._shadows.load(action)
-            case Remove():
+            case planner.Remove():
                 self._remove(action.name)
-            case RecoverShadows():
+            case planner.RecoverShadows():
                 self._shadows.recover(action)
-            case StopShadow():
+            case planner.StopShadow():
                 self._shadows.stop(action.name)
-            case RetuneShadow():
+            case planner.RetuneShadow():
                 self._shadows.retune(action)
-            case MarkApplied():
+            case planner.MarkApplied():
                 self._store.update(applied_sequence=action.sequence)
-            case CollectDownloads():
+            case planner.CollectDownloads():
                 self._collect_downloads(action.keep)
-            case PublishReport():
+            case planner.PublishReport():
                 self._publish_reported()
-            case RollBackInterrupted():
+            case planner.RollBackInterrupted():
                 self._roll_back_interrupted(action.progress)
-            case RestartInterrupted():
+            case planner.RestartInterrupted():
                 advance(action.progress.state, Event.RECOVER)  # -> PENDING, which is never persisted
                 self._store.update(in_progress=None)
-            case ReportFinished():
+            case planner.ReportFinished():
                 self._finish(action.progress, Outcome.SUCCEEDED)
-            case ForgetFinished():
+            case planner.ForgetFinished():
                 self._store.update(in_progress=None)
             case _:
                 raise TypeError(f"not an action: {action!r}")
@@ -151,7 +128,7 @@ class Executor:
 
     # -- one deployment --------------------------------------------------------------------------
 
-    def _deploy(self, action: Deploy) -> bool:
+    def _deploy(self, action: planner.Deploy) -> bool:
         """Run one deployment to its end; return True if it failed in a retryable way."""
         directive = action.directive
         progress = InProgress(

@@ -33,6 +33,7 @@ from edgefleet.agent.deployment.planner import (
 )
 from edgefleet.agent.deployment.reporting import reported_state
 from edgefleet.agent.deployment.state_store import StateStore
+from edgefleet.agent.deployment.steps import BundleSteps
 from edgefleet.agent.deployment.trust_store import TrustStore
 from edgefleet.agent.serving.host import ModelHost
 from edgefleet.agent.transfer.http import HttpFetcher
@@ -80,9 +81,8 @@ class Reconciler:
         self._wake = threading.Event()
         self._cancel = threading.Event()
         self._offer_lock = threading.Lock()
-        self._executor = Executor(
-            config, store, host, fetcher, http_fetcher, self._trust, publish, self.publish_reported, clock, self._cancel
-        )
+        steps = BundleSteps(config, self._trust, fetcher, http_fetcher, self._cancel)
+        self._executor = Executor(config, store, host, steps, publish, self.publish_reported, clock)
         self._shadows_recovered = False  # the first pass after boot marks shadows left LOADING failed
         self.idle = threading.Event()  # set while nothing is left to do (tests and the demo wait on it)
 
