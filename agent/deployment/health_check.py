@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +33,24 @@ def sample_inputs(model: LoadedModel, slot: Path | None, manifest: Manifest | No
     }
 
 
-def run_health_check(model: LoadedModel, inputs: dict[str, np.ndarray], budget_s: float) -> float:
+def run_health_check(
+    model: LoadedModel,
+    inputs: dict[str, np.ndarray],
+    budget_s: float,
+    *,
+    timer: Callable[[], float] = time.monotonic,
+) -> float:
     """Run the warm-up inference; return its duration in seconds.
+
+    ``timer`` measures the duration (monotonic seconds: a wall clock may step under NTP).
 
     Raises:
         InferenceError: The model refused the inputs, failed, took longer than ``budget_s``, or
             returned outputs other than its signature declares.
     """
-    started = time.monotonic()
+    started = timer()
     outputs = model.predict(inputs)
-    elapsed = time.monotonic() - started
+    elapsed = timer() - started
     if elapsed > budget_s:
         raise InferenceError(f"warm-up inference took {elapsed * 1e3:.1f} ms, over the {budget_s * 1e3:.1f} ms budget")
     if set(outputs) != {spec.name for spec in model.outputs}:

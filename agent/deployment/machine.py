@@ -3,8 +3,9 @@
 Theory of operation: a deployment moves one model to the bundle a desired state names. Each
 step is announced by an event; the legal (state, event) pairs are exactly the keys of
 :data:`TRANSITIONS`, and anything else raises :class:`IllegalTransition`. The machine does no
-I/O: the reconciler persists the new state *before* it performs the step that state names, so
-that after a crash :data:`RECOVERY` says, from the stored state alone, what to do on boot.
+I/O: the executor persists the new state *before* it performs the step that state names, so
+that after a crash :data:`RECOVERY` says, from the stored state alone, what to do on boot, and the
+RECOVER event moves the stored deployment there through the same table.
 
 ::
 
@@ -14,8 +15,13 @@ that after a crash :data:`RECOVERY` says, from the stored state alone, what to d
     ACTIVATING ─activated─▶ HEALTH_CHECKING ─healthy─▶ DONE (succeeded)
     ACTIVATING / HEALTH_CHECKING ─fail─▶ ROLLING_BACK ─rolled_back─▶ DONE (failed, rolled back)
                                                       └rollback_failed▶ DONE (failed, unable to roll back)
+    boot: PENDING … STAGING ─recover─▶ PENDING (start over; PENDING is never persisted)
+          ACTIVATING / HEALTH_CHECKING / ROLLING_BACK ─recover─▶ ROLLING_BACK
 
 Until ACTIVATING begins the running model is untouched, so failures before it are "no change".
+A retryable failure before activation still ends the attempt in DONE (no change); the executor
+then reports nothing, and the same desired state is tried again. DONE is terminal: a deployment
+found DONE on boot has nothing left to do but, perhaps, its report.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class Event(StrEnum):
     SUPERSEDE = "supersede"
     ROLLED_BACK = "rolled_back"
     ROLLBACK_FAILED = "rollback_failed"
+    RECOVER = "recover"  # boot found the deployment in this stored state
 
 
 class IllegalTransition(EdgefleetError):
@@ -57,6 +64,7 @@ class IllegalTransition(EdgefleetError):
 
 
 _BEFORE_ACTIVATION = (State.PENDING, State.DOWNLOADING, State.VERIFYING, State.STAGING)
+_UNPROVEN = (State.ACTIVATING, State.HEALTH_CHECKING, State.ROLLING_BACK)
 
 # (state, event) -> (next state, outcome once DONE).
 TRANSITIONS: dict[tuple[State, Event], tuple[State, Outcome | None]] = {
@@ -73,6 +81,8 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, Outcome | None]] = {
     **{(s, Event.FAIL): (State.DONE, Outcome.FAILED_NO_CHANGE) for s in _BEFORE_ACTIVATION},
     **{(s, Event.REJECT): (State.DONE, Outcome.REJECTED) for s in _BEFORE_ACTIVATION},
     **{(s, Event.SUPERSEDE): (State.DONE, Outcome.FAILED_NO_CHANGE) for s in _BEFORE_ACTIVATION},
+    **{(s, Event.RECOVER): (State.PENDING, None) for s in _BEFORE_ACTIVATION},
+    **{(s, Event.RECOVER): (State.ROLLING_BACK, None) for s in _UNPROVEN},
 }
 
 
@@ -84,6 +94,8 @@ class Recovery(StrEnum):
     NOTHING = "nothing"  # finished: only the report may be missing
 
 
+# Keyed by the stored state; RESTART and ROLL_BACK are where the RECOVER event leads (PENDING,
+# ROLLING_BACK), NOTHING is DONE, which has no RECOVER row.
 RECOVERY: dict[State, Recovery] = {
     State.PENDING: Recovery.RESTART,
     State.DOWNLOADING: Recovery.RESTART,
@@ -102,6 +114,11 @@ class Step:
 
     state: State
     outcome: Outcome | None
+
+
+def is_unproven(state: State) -> bool:
+    """Whether a deployment in ``state`` may have a live model that has not passed its health check."""
+    return state in _UNPROVEN
 
 
 def advance(state: State, event: Event) -> Step:

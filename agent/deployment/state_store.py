@@ -3,7 +3,7 @@
 It holds the last accepted desired state (so a restart resumes it without a replay from the
 broker), the sequence fully applied, the active slot of each model, and the deployment in
 progress with its state-machine state (persisted *before* the step it names runs), and the
-shadow candidate of each model (persisted as "loading" before it is loaded, so a load that
+shadow candidate of each model (persisted as LOADING before it is loaded, so a load that
 crashes the agent is not tried again on boot).
 """
 
@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgefleet.agent.deployment.machine import State
+from edgefleet.agent.deployment.shadow_machine import ShadowState
 from edgefleet.shared.errors import ConfigError
 from edgefleet.shared.files import atomic_write_json
 
@@ -48,9 +50,13 @@ class InProgress:
     bundle_digest: str
     bundle_size: int
     runtime: str
-    state: str
+    state: State  # persisted as its string value
     started_at: float
     previous: ActiveModel | None  # what to roll back to
+
+    def __post_init__(self) -> None:
+        # Loaded from JSON (or built by an older caller) with the plain string value.
+        object.__setattr__(self, "state", State(self.state))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,11 +72,14 @@ class ShadowModel:
     runtime: str
     sample_rate: float
     serving_version: str  # the serving version it was deployed beside
-    state: str  # "loading" (persisted before the load) | "running" | "failed"
+    state: ShadowState  # LOADING (persisted before the load), RUNNING or FAILED; persisted as its value
     slot: str = ""  # directory name under models/<name>/; "" until staged
     model_file: str = ""
     message: str = ""  # why it failed
     failed_sequence: int = 0  # the accepted desired-state sequence it failed under (not retried there)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", ShadowState(self.state))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

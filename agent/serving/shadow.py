@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet.agent.config import ShadowConfig
+from edgefleet.agent.deployment.shadow_machine import ShadowState
 from edgefleet.shared.runtimes.base import LoadedModel
 from edgefleet.shared.wire.messages import ShadowReport
 
@@ -327,7 +328,7 @@ class ShadowRunner:
     # -- reporting ----------------------------------------------------------------------------
 
     def report(self) -> ShadowReport:
-        """A consistent snapshot as the wire's :class:`ShadowReport` (state "running")."""
+        """A consistent snapshot as the wire's :class:`ShadowReport` (state RUNNING)."""
         with self._stats_lock:
             s = self._stats
             parts = []
@@ -340,7 +341,7 @@ class ShadowRunner:
                 serving_version=self.serving_version or self.version,
                 version=self.version,
                 bundle_digest=self.bundle_digest,
-                state="running",
+                state=ShadowState.RUNNING.value,
                 samples=s.samples,
                 agreements=s.agreements,
                 errors=s.errors,

@@ -43,6 +43,9 @@ EXPECTED: dict[tuple[State, Event], Step] = {
     **{(s, Event.FAIL): Step(State.DONE, Outcome.FAILED_NO_CHANGE) for s in BEFORE_ACTIVATION},
     **{(s, Event.REJECT): Step(State.DONE, Outcome.REJECTED) for s in BEFORE_ACTIVATION},
     **{(s, Event.SUPERSEDE): Step(State.DONE, Outcome.FAILED_NO_CHANGE) for s in BEFORE_ACTIVATION},
+    # boot recovery: start over (PENDING is never persisted), or roll back what may be live
+    **{(s, Event.RECOVER): Step(State.PENDING, None) for s in BEFORE_ACTIVATION},
+    **{(s, Event.RECOVER): Step(State.ROLLING_BACK, None) for s in (*AFTER_ACTIVATION, State.ROLLING_BACK)},
 }
 ALL_PAIRS = list(itertools.product(State, Event))
 
@@ -87,6 +90,24 @@ def test_recovery_rolls_back_exactly_when_the_running_model_may_have_changed(sta
         assert RECOVERY[state] is Recovery.NOTHING
     else:
         assert RECOVERY[state] is Recovery.ROLL_BACK
+
+
+@pytest.mark.parametrize("state", list(State), ids=lambda s: s.value)
+def test_the_recover_event_leads_where_the_recovery_table_says(state: State) -> None:
+    recovery = RECOVERY[state]
+    if recovery is Recovery.NOTHING:
+        with pytest.raises(IllegalTransition):
+            advance(state, Event.RECOVER)
+        return
+    expected = {Recovery.RESTART: State.PENDING, Recovery.ROLL_BACK: State.ROLLING_BACK}[recovery]
+    assert advance(state, Event.RECOVER) == Step(expected, None)
+
+
+def test_a_recovered_rollback_ends_through_the_rollback_rows() -> None:
+    for interrupted in (*AFTER_ACTIVATION, State.ROLLING_BACK):
+        rolling = advance(interrupted, Event.RECOVER).state
+        assert advance(rolling, Event.ROLLED_BACK) == Step(State.DONE, Outcome.FAILED_ROLLED_BACK)
+        assert advance(rolling, Event.ROLLBACK_FAILED) == Step(State.DONE, Outcome.FAILED_UNABLE_TO_ROLL_BACK)
 
 
 def _reachable(start: State) -> set[State]:

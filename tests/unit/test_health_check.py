@@ -77,3 +77,13 @@ def test_a_corrupt_samples_file_fails_the_check(tmp_path: Path, model_file: Path
     (slot / HEALTH_INPUTS_FILE).write_bytes(b"not a zip")
     with pytest.raises(InferenceError, match="do not load"):
         sample_inputs(model, slot, manifest)
+
+
+def test_the_budget_is_judged_on_the_timer_passed_in(tmp_path: Path, model_file: Path) -> None:
+    _, _, model = _slot(tmp_path, model_file, None, None)
+    inputs = sample_inputs(model, None, None)
+    ticks = iter([10.0, 10.5])  # the warm-up "took" 0.5 s, whatever it really took
+    assert run_health_check(model, inputs, 1.0, timer=lambda: next(ticks)) == 0.5
+    ticks = iter([10.0, 12.0])
+    with pytest.raises(InferenceError, match="over the 1000.0 ms budget"):
+        run_health_check(model, inputs, 1.0, timer=lambda: next(ticks))

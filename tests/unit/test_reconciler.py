@@ -6,7 +6,7 @@ built and signed in the test (or fails the way a transfer can), and an in-memory
 was published. :meth:`Device.reboot` starts a new one on the same data directory, which is what
 an agent restarted after SIGKILL sees.
 
-"Killed in state S" is simulated by replacing the reconciler's fault pause point with one that
+"Killed in state S" is simulated by replacing the executor's fault pause point with one that
 raises :class:`Killed` (a ``BaseException``, so no ``except Exception`` swallows it) right after
 S was persisted: the files on disk are then exactly what a SIGKILL there leaves behind.
 """
@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import edgefleet.agent.deployment.reconciler as reconciler_module
+import edgefleet.agent.deployment.executor as executor_module
+import edgefleet.agent.deployment.steps as steps_module
 from edgefleet.agent.config import AgentConfig, TrustConfig
-from edgefleet.agent.deployment.machine import RECOVERY, Recovery, State
+from edgefleet.agent.deployment.machine import RECOVERY, Event, Recovery, State, Step
 from edgefleet.agent.deployment.reconciler import Reconciler
 from edgefleet.agent.deployment.state_store import STATE_FILE, AgentState, InProgress, StateStore
 from edgefleet.agent.serving.host import ModelHost
@@ -275,7 +276,7 @@ def kill_at(monkeypatch: pytest.MonkeyPatch, state: str) -> None:
         if current == state:
             raise Killed(current)
 
-    monkeypatch.setattr(reconciler_module, "pause_point", pause_point)
+    monkeypatch.setattr(executor_module, "pause_point", pause_point)
 
 
 # -- outcomes ----------------------------------------------------------------------------------
@@ -327,7 +328,7 @@ def test_failed_no_change_when_the_disk_fills_while_staging(
     device: Device, releases: dict[str, Release], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     device.deploy(1, releases["v1"])
-    real_extract = reconciler_module.extract_bundle
+    real_extract = steps_module.extract_bundle
 
     def extract_until_full(bundle: Path, dest: Path, **kwargs: object) -> object:
         def no_space(*args: object, **kw: object) -> None:
@@ -337,7 +338,7 @@ def test_failed_no_change_when_the_disk_fills_while_staging(
             m.setattr("edgefleet.shared.bundle.format._copy_hashed", no_space)
             return real_extract(bundle, dest, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(reconciler_module, "extract_bundle", extract_until_full)
+    monkeypatch.setattr(steps_module, "extract_bundle", extract_until_full)
     assert device.deploy(2, releases["v2"]) is False, "disk full is not retried under the same desired state"
     assert device.outcomes()[-1] == ("2.0.0", Outcome.FAILED_NO_CHANGE)
     assert device.events()[-1].error_code == "OSError"
@@ -346,7 +347,7 @@ def test_failed_no_change_when_the_disk_fills_while_staging(
     assert device.on_disk().failed == {MODEL: releases["v2"].digest}
     device.assert_clean()  # includes: the downloaded bundle was dropped, giving its space back
     # A later desired state is not blocked by the failure.
-    monkeypatch.setattr(reconciler_module, "extract_bundle", real_extract)
+    monkeypatch.setattr(steps_module, "extract_bundle", real_extract)
     device.deploy(3, releases["v3"])
     assert device.outcomes()[-1] == ("3.0.0", Outcome.SUCCEEDED)
     device.assert_serves(releases["v3"])
@@ -528,7 +529,7 @@ def _interrupt(device: Device, releases: dict[str, Release], state: State, monke
     kill_at(monkeypatch, state.value)
     with pytest.raises(Killed):
         device.deploy(2, target)
-    monkeypatch.setattr(reconciler_module, "pause_point", lambda current: None)
+    monkeypatch.setattr(executor_module, "pause_point", lambda current: None)
     assert device.on_disk().in_progress.state == state.value  # type: ignore[union-attr]
 
 
@@ -579,7 +580,7 @@ def test_killed_mid_unpack_leaves_no_debris_after_recovery(
         (debris / "model.onnx").write_bytes(b"half a model")
         raise Killed("staging")
 
-    monkeypatch.setattr(reconciler_module, "extract_bundle", killed_while_writing)
+    monkeypatch.setattr(steps_module, "extract_bundle", killed_while_writing)
     with pytest.raises(Killed):
         device.deploy(2, releases["v2"])
     # The desired state moves on before the agent comes back: nothing will redo this unpack.
@@ -605,7 +606,7 @@ def test_an_unproven_model_is_never_reported_serving(
         if current == state.value:
             seen.append(device.reconciler.reported_state())  # what a heartbeat would send now
 
-    monkeypatch.setattr(reconciler_module, "pause_point", pause_point)
+    monkeypatch.setattr(executor_module, "pause_point", pause_point)
     device.deploy(2, releases[KILLED_DEPLOYMENT[state]])
     assert len(seen) == 1
     unproven = releases[KILLED_DEPLOYMENT[state]].digest
@@ -616,3 +617,70 @@ def test_state_file_round_trips(device: Device, releases: dict[str, Release]) ->
     device.deploy(1, releases["v1"])
     device.deploy(2, releases["bad"])
     assert AgentState.from_dict(device.store.state.to_dict()) == device.on_disk() == device.store.state
+
+
+# -- every state change goes through the table ------------------------------------------------------
+
+
+def record_transitions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[State, Event]]:
+    """Every (state, event) the executor hands to the transition table, in order."""
+    fired: list[tuple[State, Event]] = []
+    real_advance = executor_module.advance
+
+    def advance(state: State, event: Event) -> Step:
+        fired.append((state, event))
+        return real_advance(state, event)
+
+    monkeypatch.setattr(executor_module, "advance", advance)
+    return fired
+
+
+def test_a_rollback_ends_through_the_rolling_back_rows(
+    device: Device, releases: dict[str, Release], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device.deploy(1, releases["v1"])
+    fired = record_transitions(monkeypatch)
+    device.deploy(2, releases["bad"])
+    assert fired[-2:] == [(State.HEALTH_CHECKING, Event.FAIL), (State.ROLLING_BACK, Event.ROLLED_BACK)]
+    assert [e for _, e in fired[:6]] == [
+        Event.START, Event.DOWNLOADED, Event.VERIFIED, Event.STAGED, Event.ACTIVATED, Event.FAIL
+    ]
+
+
+def test_a_rollback_that_cannot_load_the_previous_model_fires_rollback_failed(
+    device: Device, releases: dict[str, Release], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device.deploy(1, releases["v1"])
+    (device.data_dir / "models" / MODEL / releases["v1"].slot / "model.onnx").unlink()
+    fired = record_transitions(monkeypatch)
+    device.deploy(2, releases["bad"])
+    assert fired[-1] == (State.ROLLING_BACK, Event.ROLLBACK_FAILED)
+
+
+@pytest.mark.parametrize("state", [s for s in State if s is not State.DONE], ids=lambda s: s.value)
+def test_boot_recovery_goes_through_the_recover_event(
+    device: Device, releases: dict[str, Release], state: State, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device.deploy(1, releases["v1"])
+    _interrupt(device, releases, state, monkeypatch)
+    fired = record_transitions(monkeypatch)
+    rebooted = device.reboot()
+    if RECOVERY[state] is Recovery.ROLL_BACK:
+        assert fired == [(state, Event.RECOVER), (State.ROLLING_BACK, Event.ROLLED_BACK)]
+    else:
+        assert fired == [(state, Event.RECOVER)]
+        assert rebooted.on_disk().in_progress is None, "PENDING is never persisted"
+    rebooted.host.close_all()
+
+
+def test_an_unexpected_error_in_a_step_is_an_outcome_not_a_dead_worker(
+    device: Device, releases: dict[str, Release]
+) -> None:
+    device.deploy(1, releases["v1"])
+    device.fetcher.failures[releases["v2"].digest] = ValueError("a bug in a transfer")
+    assert device.deploy(2, releases["v2"]) is False
+    assert device.outcomes()[-1] == ("2.0.0", Outcome.FAILED_NO_CHANGE)
+    assert device.events()[-1].error_code == "ValueError"
+    assert device.on_disk().failed == {MODEL: releases["v2"].digest}
+    device.assert_serves(releases["v1"])
+    device.assert_clean()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import edgefleet.agent.deployment.reconciler as reconciler_module
+import edgefleet.agent.deployment.steps as steps_module
 from edgefleet.agent.config import AgentConfig, TrustConfig
 from edgefleet.agent.deployment.reconciler import Reconciler
 from edgefleet.agent.deployment.state_store import AgentState, ShadowModel, StateStore
@@ -570,7 +570,7 @@ def test_boot_loads_a_running_shadow_from_its_slot_without_fetching(
 def test_an_agent_killed_while_loading_a_shadow_does_not_load_it_again_on_boot(
     tmp_path: Path, releases: dict[str, Release], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_load = reconciler_module.load_model
+    real_load = steps_module.load_model
 
     def dies_on_the_candidate(runtime: str, path: Path, *, name: str, version: str, **kw: object) -> LoadedModel:
         if version == "2.0.0":
@@ -578,7 +578,7 @@ def test_an_agent_killed_while_loading_a_shadow_does_not_load_it_again_on_boot(
         return real_load(runtime, path, name=name, version=version, **kw)  # type: ignore[arg-type]
 
     first = Agent(tmp_path / "agent", releases)
-    monkeypatch.setattr(reconciler_module, "load_model", dies_on_the_candidate)
+    monkeypatch.setattr(steps_module, "load_model", dies_on_the_candidate)
     with pytest.raises(Killed):
         first.apply(1, releases["v1"].directive(shadow=releases["v2"]))
     first.host.close_all()
@@ -590,7 +590,7 @@ def test_an_agent_killed_while_loading_a_shadow_does_not_load_it_again_on_boot(
         loads.append(version)
         return real_load(runtime, path, name=name, version=version, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(reconciler_module, "load_model", counting)
+    monkeypatch.setattr(steps_module, "load_model", counting)
     second = Agent(tmp_path / "agent", releases)
     try:
         second.reconciler._wake.clear()
