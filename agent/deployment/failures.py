@@ -58,8 +58,10 @@ def classify(exc: Exception, state: State) -> Failure:
     return Failure(event=event, code=code, message=str(exc)[:_MAX_MESSAGE_CHARS], retryable=retryable)
 
 
-class StepFailed(Exception):
+class StepFailed(EdgefleetError):
     """A step raised; carries what :func:`classify` made of it (internal to the executors)."""
+
+    code = "step_failed"
 
     def __init__(self, failure: Failure) -> None:
         super().__init__(failure.message)

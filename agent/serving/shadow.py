@@ -46,6 +46,7 @@ import numpy as np
 
 from edgefleet.agent.config import ShadowConfig
 from edgefleet.agent.deployment.shadow_machine import ShadowState
+from edgefleet.shared.errors import InferenceError
 from edgefleet.shared.runtimes.base import LoadedModel
 from edgefleet.shared.wire.messages import ShadowReport
 
@@ -65,8 +66,10 @@ class Comparison:
     max_abs_diff: float
 
 
-class OutputMismatchError(ValueError):
+class OutputMismatchError(InferenceError):
     """The candidate's output cannot be compared with the serving one (shape, non-finite values)."""
+
+    code = "output_mismatch"
 
 
 def compare_outputs(serving: np.ndarray, candidate: np.ndarray) -> Comparison:

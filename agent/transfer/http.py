@@ -51,6 +51,8 @@ _RETRY_STATUS = frozenset({408, 425, 429})  # and every 5xx
 class _AttemptFailed(TransferError):
     """One request to one source failed; says where it got to and whether the source is worth retrying."""
 
+    code = "http_attempt_failed"
+
     def __init__(self, message: str, *, position: int, give_up: bool = False) -> None:
         super().__init__(message)
         self.position = position

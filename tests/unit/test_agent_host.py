@@ -20,7 +20,7 @@ def _config(tmp_path: Path, device_id: str) -> AgentConfig:
     return AgentConfig(
         device_id=device_id,
         data_dir=tmp_path / device_id,
-        broker=BrokerConfig(host="memory", port=0),
+        broker=BrokerConfig(host="memory", port=1883),
         api=ApiConfig(enabled=False),
         heartbeat_interval_s=3600.0,
     )

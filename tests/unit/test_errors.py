@@ -24,18 +24,9 @@ from edgefleet.shared.errors import EdgefleetError
 # editable install's finder maps the folders, so edgefleet.__path__ alone does not list them.
 PACKAGES = ("edgefleet", "edgefleet.agent", "edgefleet.control_plane", "edgefleet.shared")
 
-# Exception classes in modules other parts of the restructuring own, not in the tree yet. Each
-# must derive from a tree class and be drawn in the tree (or move into shared/errors.py); this set
-# is emptied as they are, and must never grow.
-KNOWN_OUTSIDE = {
-    "edgefleet.agent.deployment.machine.IllegalTransition",  # drawn nowhere
-    "edgefleet.agent.deployment.reconciler._Failed",  # derives from Exception
-    "edgefleet.agent.serving.shadow.OutputMismatchError",  # derives from ValueError
-    "edgefleet.agent.transfer.http._AttemptFailed",  # drawn nowhere, no code of its own
-    "edgefleet.agent.transfer.mqtt_chunks.Cancelled",  # drawn nowhere
-    "edgefleet.control_plane.client.ApiError",  # drawn nowhere
-    "edgefleet.control_plane.devtools.local_fleet.FleetError",  # drawn nowhere
-}
+# Exception classes allowed outside the tree: none (the set stays, empty, as the one place to
+# name a deliberate exception).
+KNOWN_OUTSIDE: set[str] = set()
 
 # One line of the drawing: tree glyphs, the class name (private ones too), its HTTP status,
 # "retry" if retryable, then a description. The name's column gives its depth.

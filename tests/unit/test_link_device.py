@@ -15,7 +15,7 @@ NOW = 1_800_000_000.0
 def _device_link(broker: MemoryBroker, received: list[tuple[Leaf, bytes]], keyrings: list[bytes]) -> MqttLink:
     return MqttLink(
         "dev-1",
-        BrokerConfig(host="memory", port=0),
+        BrokerConfig(host="memory", port=1883),
         lambda leaf, payload: received.append((leaf, payload)),
         on_keyring=keyrings.append,
         link_factory=broker,
