@@ -43,6 +43,7 @@ def device_link_options(device_id: str, config: BrokerConfig, *, keyring: bool, 
         keepalive_s=config.keepalive_s,
         reconnect_min_s=config.reconnect_min_s,
         reconnect_max_s=config.reconnect_max_s,
+        max_inflight=config.max_inflight_count,
         will=Will(topic=device_topic(device_id, Leaf.STATUS), payload=offline, retain=True),
         subscriptions=tuple(subscriptions),
     )

@@ -67,7 +67,7 @@ class Agent:
         self._own_resources = resources is None
         self.resources = resources if resources is not None else FleetResources(step_workers=1)
         self.store = StateStore(config.data_dir)
-        self.host = ModelHost()
+        self.host = ModelHost(retire_grace_s=config.retire_grace_s)
         self.link = MqttLink(
             config.device_id,
             config.broker,
@@ -79,7 +79,7 @@ class Agent:
         )
         downloads = config.data_dir / "downloads"
         # One cap for the device, whichever way a bundle comes in.
-        limiter = BandwidthLimiter(config.transfer.bandwidth_limit_bytes_per_s)
+        limiter = BandwidthLimiter.for_transfer(config.transfer)
         self.fetcher = ChunkFetcher(
             downloads, config.transfer, self._request_chunks, limiter=limiter, link_up=self.link.connected
         )

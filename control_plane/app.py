@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from datetime import UTC, datetime
 
@@ -31,12 +31,13 @@ from edgefleet.control_plane.api.routes import ROUTERS
 from edgefleet.control_plane.bundles.store import BundleStore
 from edgefleet.control_plane.db.engine import create_db_engine
 from edgefleet.control_plane.db.schema import upgrade_schema
-from edgefleet.control_plane.messaging.bridge import BrokerConnection, MqttBridge
+from edgefleet.control_plane.messaging.bridge import BridgeLimits, BrokerConnection, MqttBridge
 from edgefleet.control_plane.messaging.ingest import Ingestor
 from edgefleet.control_plane.services.desired_states import DesiredStateService
 from edgefleet.control_plane.services.keyring import KeyringService
 from edgefleet.control_plane.services.keys import load_or_create_keys
 from edgefleet.control_plane.settings import ServerSettings
+from edgefleet.shared.errors import MessageError
 from edgefleet.shared.wire.chunks import HEADER_BYTES
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,10 @@ def _start(settings: ServerSettings, clock: Callable[[], float], stack: ExitStac
         assert ingestor is not None  # set below, before the bridge starts
         ingestor.handle(topic, payload)
 
+    def handle_batch(messages: Sequence[tuple[str, bytes]]) -> Sequence[MessageError | None]:
+        assert ingestor is not None
+        return ingestor.handle_batch(messages)
+
     bridge = MqttBridge(
         BrokerConnection(
             host=broker_host,
@@ -123,6 +128,16 @@ def _start(settings: ServerSettings, clock: Callable[[], float], stack: ExitStac
             share_group=settings.share_group,
         ),
         handle,
+        batch_handler=handle_batch,
+        limits=BridgeLimits(
+            keepalive_s=settings.broker_keepalive_s,
+            reconnect_min_s=settings.broker_reconnect_min_delay_s,
+            reconnect_max_s=settings.broker_reconnect_max_delay_s,
+            max_inflight_count=settings.broker_max_inflight_count,
+            queue_max_count=settings.ingest_queue_max_count,
+            batch_max_count=settings.ingest_batch_max_count,
+            handler_attempts_count=settings.handler_attempts_count,
+        ),
     )
     ingestor = Ingestor(
         engine,
@@ -130,6 +145,8 @@ def _start(settings: ServerSettings, clock: Callable[[], float], stack: ExitStac
         bridge,
         max_chunk_bytes=settings.max_chunk_bytes,
         max_chunk_request_bytes=settings.max_chunk_request_bytes,
+        chunk_grant_ttl_s=settings.chunk_grant_ttl_s,
+        max_chunk_grants_count=settings.max_chunk_grants_count,
         clock=clock,
     )
     desired = DesiredStateService(

@@ -102,6 +102,7 @@ class ServerSettings(BaseSettings):
     broker_reconnect_max_delay_s: int = 30  # seconds
     broker_max_inflight_count: int = 20  # QoS 1 messages sent, not yet acknowledged; paho is slower with more
     ingest_queue_max_count: int = 10_000  # messages waiting for the ingest worker
+    ingest_batch_max_count: int = 200  # messages written in one transaction at most
     handler_attempts_count: int = 3  # tries for a message whose handler fails for a reason other than its content
     # -- chunk serving (messaging/ingest.py)
     chunk_grant_ttl_s: float = 2.0  # seconds a device's checked right to a bundle serves its next requests unasked
@@ -238,6 +239,7 @@ _POSITIVE_AMOUNTS = (
     "bundle_cache_bytes",
     "broker_max_inflight_count",
     "ingest_queue_max_count",
+    "ingest_batch_max_count",
     "handler_attempts_count",
     "max_chunk_grants_count",
     "bundle_max_open_files_count",

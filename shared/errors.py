@@ -38,9 +38,9 @@ The tree (``tests/unit/test_errors.py`` keeps it equal to the classes edgefleet 
     ├── InferenceError              400        a request the model cannot answer (shape, dtype, name)
     │   └── OutputMismatchError     400        a shadow's output cannot be compared (agent.serving.shadow)
     ├── IllegalTransition           500        a state machine got an event its table has no row for
-    ├── StepFailed                  500        a deployment step failed; carries its event (agent.deployment.failures)
+    ├── StepFailed                  500        a deployment step failed; carries its event (agent.deployment)
     ├── Cancelled                   500        a download given up for a newer desired state (agent.transfer)
-    ├── ApiError                    500        the control plane answered an SDK call with an error (control_plane.client)
+    ├── ApiError                    500        the control plane answered an SDK call with an error (SDK client)
     ├── FleetError                  500        a local fleet process would not start (control_plane.devtools)
     └── BrokerError                 500        the embedded MQTT broker would not start, answer, or stop
 """

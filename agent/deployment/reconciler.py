@@ -50,7 +50,6 @@ from edgefleet.shared.wire.messages import (
 from edgefleet.shared.wire.topics import Leaf
 
 log = logging.getLogger(__name__)
-RETRY_DELAY_S = 5.0  # after a retryable failure (transfer), try the same desired state again
 
 
 class Reconciler:
@@ -204,11 +203,11 @@ class Reconciler:
             retry = self.reconcile_once()
         except (EdgefleetError, OSError):
             # E.g. state.json cannot be written (disk full): keep serving, try again later.
-            log.exception("reconcile failed; retrying in %.0f s", RETRY_DELAY_S)
+            log.exception("reconcile failed; retrying in %.0f s", self._config.retry_delay_s)
             retry = True
         if retry:
             self._wake.set()  # due again once the delay has passed
-            return RETRY_DELAY_S
+            return self._config.retry_delay_s
         if self._wake.is_set():
             return 0.0
         self.idle.set()

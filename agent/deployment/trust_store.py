@@ -24,7 +24,6 @@ from edgefleet.shared.trust.keyring import Keyring, parse_keyring
 from edgefleet.shared.trust.signing import key_id, public_key_from_hex
 
 log = logging.getLogger(__name__)
-MAX_PENDING_VERSIONS = 64  # count: future keyring versions held while waiting for a gap to fill
 
 
 class TrustStore:
@@ -32,6 +31,7 @@ class TrustStore:
 
     def __init__(self, config: TrustConfig, data_dir: Path, clock: Callable[[], float]) -> None:
         self._clock = clock
+        self._config = config
         self._lock = threading.Lock()
         self._pending: dict[int, bytes] = {}
         self._path = data_dir / "trust" / "keyring.json"
@@ -84,7 +84,7 @@ class TrustStore:
             version = parse_keyring(data).version
             if version <= self._keyring.version:
                 return False
-            if len(self._pending) < MAX_PENDING_VERSIONS:
+            if len(self._pending) < self._config.max_pending_versions_count:
                 self._pending[version] = data
             changed = False
             now = datetime.fromtimestamp(self._clock(), UTC)

@@ -50,8 +50,6 @@ from edgefleet.shared.wire.chunks import (
 
 log = logging.getLogger(__name__)
 _INDEX = struct.Struct(">I")
-POLL_S = 0.25  # seconds the fetch loop sleeps when nothing arrives (timeouts, cancel, link state)
-RECONNECT_GRACE_S = 0.5  # seconds after a reconnect before outstanding chunks are asked for again
 
 
 class Cancelled(EdgefleetError):
@@ -221,7 +219,7 @@ class ChunkFetcher:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._config = config
         self._send = send_request
-        self._limiter = limiter or BandwidthLimiter(config.bandwidth_limit_bytes_per_s)
+        self._limiter = limiter or BandwidthLimiter.for_transfer(config)
         self._link_up = link_up
         self._clock = clock
         self._cond = threading.Condition()
@@ -285,7 +283,7 @@ class ChunkFetcher:
                 with self._cond:
                     # Sleep only if nothing arrived meanwhile; answers can beat us back here.
                     if len(download.have) == progress_mark and active.error is None and not download.complete:
-                        self._cond.wait(timeout=POLL_S)
+                        self._cond.wait(timeout=self._config.poll_s)
         except BaseException:
             with self._cond:
                 self._active = None
@@ -298,7 +296,7 @@ class ChunkFetcher:
     def _after_reconnect(self, active: _Active, now: float) -> None:
         # Requests or answers in flight when the link dropped may be gone (a broker that lost its
         # state) or may still come (a persistent session): ask again soon, not a full timeout later.
-        expire_at = now - self._config.chunk_timeout_s + RECONNECT_GRACE_S
+        expire_at = now - self._config.chunk_timeout_s + self._config.reconnect_grace_s
         for i, requested in active.outstanding.items():
             active.outstanding[i] = min(requested, expire_at)
 

@@ -10,7 +10,7 @@
 - The network thread only routes by topic (:data:`ROUTES`): chunk requests to the *chunk*
   worker, the hot path of a transfer, which never waits behind database writes; everything else
   to the *ingest* worker, in arrival order (the order of a device's status and reported messages
-  matters). The ingest worker takes whatever has queued up, up to ``INGEST_BATCH_SIZE`` messages,
+  matters). The ingest worker takes whatever has queued up, up to ``BridgeLimits.batch_max_count`` messages,
   and hands it to the batch handler as one unit (one database transaction per batch).
 - Both queues are bounded: when one is full, the network thread waits, the broker's in-flight
   window fills, and the broker holds further messages (backpressure, not loss).
@@ -37,13 +37,19 @@ from edgefleet.shared.wire.topics import Leaf, control_plane_subscriptions, pars
 log = logging.getLogger(__name__)
 
 CLIENT_ID = "edgefleet-control-plane"
-KEEPALIVE_S = 30  # seconds
-RECONNECT_MIN_DELAY_S = 1.0  # seconds, the backoff doubles from here
-RECONNECT_MAX_DELAY_S = 30.0  # seconds
-MAX_INFLIGHT = 20  # messages; paho is slower with larger windows
-INGEST_QUEUE_SIZE = 10_000  # messages waiting for a worker (each queue)
-INGEST_BATCH_SIZE = 200  # messages handed to the batch handler at most at once
-HANDLER_ATTEMPTS = 3  # tries for a message whose handler fails for a reason other than its content
+
+
+@dataclass(frozen=True, kw_only=True)
+class BridgeLimits:
+    """The bridge's tuning, from ``ServerSettings`` (``broker_*``, ``ingest_*``, ``handler_attempts_count``)."""
+
+    keepalive_s: int = 30  # seconds
+    reconnect_min_s: float = 1.0  # seconds, the backoff doubles from here
+    reconnect_max_s: float = 30.0  # seconds
+    max_inflight_count: int = 20  # messages; paho is slower with larger windows
+    queue_max_count: int = 10_000  # messages waiting for a worker (each queue)
+    batch_max_count: int = 200  # messages handed to the batch handler at most at once
+    handler_attempts_count: int = 3  # tries for a message whose handler fails for a reason other than its content
 _RETRY_DELAYS_S = (0.2, 1.0)  # seconds between those tries
 
 Handler = Callable[[str, bytes], None]
@@ -104,6 +110,7 @@ class MqttBridge:
         *,
         batch_handler: BatchHandler | None = None,
         link_factory: LinkFactory | None = None,
+        limits: BridgeLimits | None = None,
     ) -> None:
         """Create the bridge (nothing connects until :meth:`start`).
 
@@ -114,11 +121,13 @@ class MqttBridge:
             batch_handler: If given, the ingest worker hands it whole batches instead
                 (one transaction per batch); chunk requests still go to ``handler``.
             link_factory: Builds the link; None: a paho driver of the bridge's own.
+            limits: Keepalive, backoff, window, queue and batch sizes (defaults: :class:`BridgeLimits`).
 
         Raises:
             ConfigError: TLS files that cannot be read or do not belong together.
         """
         self._connection = connection
+        self._limits = limits = limits or BridgeLimits()
         self._handler = handler
         self._batch_handler = batch_handler
         self.client_id = CLIENT_ID + (f"-{connection.client_id_suffix}" if connection.client_id_suffix else "")
@@ -136,10 +145,10 @@ class MqttBridge:
                 tls_cert_file=connection.tls_cert_file,
                 tls_key_file=connection.tls_key_file,
                 clean_session=False,
-                keepalive_s=KEEPALIVE_S,
-                reconnect_min_s=RECONNECT_MIN_DELAY_S,
-                reconnect_max_s=RECONNECT_MAX_DELAY_S,
-                max_inflight=MAX_INFLIGHT,
+                keepalive_s=limits.keepalive_s,
+                reconnect_min_s=limits.reconnect_min_s,
+                reconnect_max_s=limits.reconnect_max_s,
+                max_inflight=limits.max_inflight_count,
                 manual_ack=True,
                 subscriptions=self._subscriptions,
             ),
@@ -151,7 +160,7 @@ class MqttBridge:
             ),
         )
         self._queues: dict[Worker, queue.Queue[Received | object]] = {
-            worker: queue.Queue(maxsize=INGEST_QUEUE_SIZE) for worker in Worker
+            worker: queue.Queue(maxsize=limits.queue_max_count) for worker in Worker
         }
         self._ready = threading.Event()
         self._stopping = threading.Event()
@@ -253,7 +262,7 @@ class MqttBridge:
         while (first := q.get()) is not _STOP:
             batch = [first]
             stop_after = False
-            while len(batch) < INGEST_BATCH_SIZE:
+            while len(batch) < self._limits.batch_max_count:
                 try:
                     item = q.get_nowait()
                 except queue.Empty:
@@ -291,14 +300,14 @@ class MqttBridge:
         self._count(handled=len(items) - rejected, rejected=rejected)
 
     def _retrying(self, attempt_fn: Callable[[], None], what: str) -> None:
-        for attempt in range(HANDLER_ATTEMPTS):
+        for attempt in range(self._limits.handler_attempts_count):
             try:
                 attempt_fn()
                 return
             except Exception:
                 # Not the message's fault (database busy or down, disk error): try again a few
                 # times, then give up on it rather than block every other device.
-                if attempt + 1 == HANDLER_ATTEMPTS or self._stopping.is_set():
+                if attempt + 1 == self._limits.handler_attempts_count or self._stopping.is_set():
                     log.exception("giving up on %.200s", what)
                     return
                 log.warning("handling %.200s failed; retrying", what, exc_info=True)

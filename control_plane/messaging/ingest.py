@@ -64,8 +64,6 @@ from edgefleet.shared.wire.topics import Leaf, device_topic, parse_device_topic
 log = logging.getLogger(__name__)
 
 DEPLOYMENT_EVENT_KIND = "deployment"
-CHUNK_GRANT_TTL_S = 2.0  # seconds a device's checked right to a bundle serves its next requests unasked
-MAX_CHUNK_GRANTS = 10_000  # count of remembered (device, bundle, chunk size) rights before they are dropped
 
 
 DeviceMessage: TypeAlias = ReportedState | DeviceStatus | DeploymentEvent | RejectionEvent
@@ -102,6 +100,8 @@ class Ingestor:
         *,
         max_chunk_bytes: int,
         max_chunk_request_bytes: int,
+        chunk_grant_ttl_s: float = 2.0,
+        max_chunk_grants_count: int = 10_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """Create the ingestor.
@@ -112,6 +112,9 @@ class Ingestor:
             publisher: Where chunk answers go.
             max_chunk_bytes: Largest chunk size a device may ask for.
             max_chunk_request_bytes: Largest chunk size x count in one request.
+            chunk_grant_ttl_s: Seconds a device's checked right to a bundle serves its next
+                requests without asking the database again.
+            max_chunk_grants_count: Remembered (device, bundle, chunk size) rights before they are dropped.
             clock: Unix seconds now (for ``last_seen_at`` and bookkeeping times).
         """
         self._engine = engine
@@ -119,6 +122,8 @@ class Ingestor:
         self._publisher = publisher
         self._max_chunk_bytes = max_chunk_bytes
         self._max_request_bytes = max_chunk_request_bytes
+        self._grant_ttl_s = chunk_grant_ttl_s
+        self._max_grants = max_chunk_grants_count
         self._clock = clock
         # (device, digest, chunk size) -> (when the database allowed it, chunk count): see handle_chunk_request
         self._grants: dict[tuple[str, str, int], tuple[float, int]] = {}
@@ -361,7 +366,7 @@ class Ingestor:
         request = ChunkRequest.decode(payload)
         reply_topic = device_topic(device_id, Leaf.CHUNK_DATA)
         # A transfer is a stream of requests for one bundle: the database is asked once every
-        # CHUNK_GRANT_TTL_S, not for every request (that query cost more than the chunks' bytes).
+        # chunk_grant_ttl_s, not for every request (that query cost more than the chunks' bytes).
         grant_key = (device_id, request.bundle_digest, request.chunk_size)
         error = None
         if not self._within_grant(grant_key, request):
@@ -390,13 +395,13 @@ class Ingestor:
             return False
         granted_at, count = grant
         return (
-            0 <= self._clock() - granted_at < CHUNK_GRANT_TTL_S
+            0 <= self._clock() - granted_at < self._grant_ttl_s
             and request.chunk_size * len(request.indices) <= self._max_request_bytes
             and all(i < count for i in request.indices)
         )
 
     def _remember_grant(self, key: tuple[str, str, int]) -> None:
-        if len(self._grants) >= MAX_CHUNK_GRANTS:
+        if len(self._grants) >= self._max_grants:
             self._grants.clear()
         self._grants[key] = (self._clock(), chunk_count(self._store.size(key[1]), key[2]))
 

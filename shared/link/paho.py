@@ -19,8 +19,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgefleet.shared.errors import ConfigError
 from edgefleet.shared.link.base import QOS, LinkOptions
 
-MAX_INFLIGHT_MESSAGES = 20  # count
-
 
 def set_nodelay(sock: Any) -> None:
     """Turn Nagle off on a client socket (a no-op for sockets that are not TCP)."""
@@ -45,7 +43,7 @@ def make_client(
     tls_key_file: str | None = None,
     reconnect_min_s: float = 0.5,
     reconnect_max_s: float = 30.0,
-    max_inflight: int = MAX_INFLIGHT_MESSAGES,
+    max_inflight: int = 20,
     manual_ack: bool = False,
 ) -> mqtt.Client:
     """A paho 2.x client (callback API v2, MQTT 3.1.1) tuned for edgefleet.

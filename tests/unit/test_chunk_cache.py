@@ -21,7 +21,7 @@ from edgefleet.control_plane.bundles import store as bundle_store
 from edgefleet.control_plane.bundles.store import BundleStore
 from edgefleet.control_plane.db.engine import create_db_engine, create_tables
 from edgefleet.control_plane.db.tables import Assignment, Device, ModelVersion
-from edgefleet.control_plane.messaging.ingest import CHUNK_GRANT_TTL_S, ChunkErrorCode, Ingestor
+from edgefleet.control_plane.messaging.ingest import ChunkErrorCode, Ingestor
 from edgefleet.shared.wire.chunks import Chunk, ChunkError, ChunkRequest, chunk_count, decode_chunk_message
 from edgefleet.shared.wire.topics import Leaf, device_topic
 
@@ -193,7 +193,7 @@ def test_the_database_is_asked_once_per_grant_period_and_a_withdrawn_bundle_is_r
             session.delete(row)
         session.commit()
     queries.clear()
-    now[0] += CHUNK_GRANT_TTL_S
+    now[0] += 2.0  # the default chunk_grant_ttl_s
     _request(ingestor, device, digest, range(WINDOW))
 
     assert queries  # the grant expired: the database was asked again

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from edgefleet.agent.config import TransferConfig
-from edgefleet.agent.transfer.mqtt_chunks import POLL_S, RECONNECT_GRACE_S, Cancelled, ChunkFetcher
+from edgefleet.agent.transfer.mqtt_chunks import Cancelled, ChunkFetcher
 from edgefleet.shared.errors import BundleIntegrityError, TransferError
 from edgefleet.shared.wire.chunks import Chunk, ChunkError, ChunkRequest, chunk_count
 
@@ -270,8 +270,8 @@ def test_top_ups_are_not_left_waiting_for_the_poll_interval(fake: FakeControlPla
     started = time.monotonic()
 
     assert fetch(fetcher).read_bytes() == BLOB
-    # 37 top-ups of 2 chunks: a missed wake-up each would take 37 x POLL_S = 9 s.
-    assert time.monotonic() - started < 10 * POLL_S
+    # 37 top-ups of 2 chunks: a missed wake-up each would take 37 x FAST.poll_s = 9 s.
+    assert time.monotonic() - started < 10 * FAST.poll_s
     assert fake.requests == Counter({i: 1 for i in range(TOTAL)})
 
 
@@ -303,14 +303,14 @@ def test_no_requests_while_the_link_is_down_and_the_missing_ones_soon_after_it_i
         assert time.monotonic() < deadline
         time.sleep(0.01)
     asked_while_down = sum(fake.requests.values())
-    time.sleep(3 * POLL_S)
+    time.sleep(3 * FAST.poll_s)
     assert sum(fake.requests.values()) == asked_while_down  # nothing is sent into a dead link
 
     link_up.set()
     reconnected = time.monotonic()
     thread.join(timeout=10)
     assert outcome and outcome[0] == downloads / f"{DIGEST.removeprefix('sha256:')}.bundle"
-    assert time.monotonic() - reconnected < RECONNECT_GRACE_S + 4 * POLL_S  # not chunk_timeout_s (30 s)
+    assert time.monotonic() - reconnected < FAST.reconnect_grace_s + 4 * FAST.poll_s  # not chunk_timeout_s (30 s)
     # Only chunks that had been requested but never arrived were asked for twice.
     assert {i for i, n in fake.requests.items() if n > 1} == set(range(10, 16))
     assert all(fake.requests[i] == 1 for i in range(10))
