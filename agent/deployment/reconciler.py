@@ -178,17 +178,6 @@ class Reconciler:
 
     # -- worker thread -----------------------------------------------------------------------
 
-    def run(self, stop: threading.Event) -> None:
-        """Reconcile whenever woken, until ``stop`` is set (one thread for one agent)."""
-        self._wake.set()
-        while not stop.is_set():
-            self._wake.wait(timeout=1.0)
-            if stop.is_set():
-                break
-            delay = self.step()
-            if delay:
-                stop.wait(delay)
-
     def step(self) -> float | None:
         """Do the work that is due, if any; return seconds until the next step is due, or None.
 

@@ -208,7 +208,7 @@ class Device:
         return envelope
 
     def reconcile(self) -> bool:
-        """One turn of :meth:`Reconciler.run`'s loop: take the wake-up, then reconcile."""
+        """One :meth:`Reconciler.step` without its error handling: take the wake-up, then reconcile."""
         self.reconciler._wake.clear()
         self.reconciler._cancel.clear()
         return self.reconciler.reconcile_once()
