@@ -42,6 +42,7 @@ from .strict import check_schema, loads_object
 
 __all__ = [
     "DESIRED_PAYLOAD_TYPE",
+    "EVENTS",
     "MAX_MESSAGE_BYTES",
     "MAX_MODELS",
     "MAX_URLS",
@@ -262,7 +263,7 @@ class DeploymentEvent(WireMessage, frozen=True, kw_only=True, tag="edgefleet.eve
     ``event_id`` is unique per event so the control plane ingests idempotently.
     """
 
-    kind: Literal["deployment"] = "deployment"  # EventKind.DEPLOYMENT
+    kind: Literal["deployment"] = "deployment"  # EventKind.DEPLOYMENT; msgspec takes str literals only
     event_id: Text64
     device_id: DeviceId
     ts: Finite
@@ -283,7 +284,7 @@ class RejectionEvent(WireMessage, frozen=True, kw_only=True, tag="edgefleet.even
     The running models are untouched; the event tells the operator why nothing happened.
     """
 
-    kind: Literal["rejected"] = "rejected"  # EventKind.REJECTED
+    kind: Literal["rejected"] = "rejected"  # EventKind.REJECTED; msgspec takes str literals only
     event_id: Text64
     device_id: DeviceId
     ts: Finite

@@ -143,6 +143,14 @@ def test_a_message_of_another_version_is_an_unknown_schema_not_half_parsed(name:
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_a_message_over_its_size_limit_is_refused_before_parsing(name: str) -> None:
+    limit = MESSAGES[name].max_bytes
+    padded = EXAMPLES[name].encode() + b" " * (limit + 1 - len(EXAMPLES[name].encode()))
+    with pytest.raises(MessageError, match=f"{limit + 1} bytes, over the {limit}-byte limit"):
+        MESSAGES[name].decode(padded)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_a_message_refuses_a_duplicate_key(name: str) -> None:
     data = EXAMPLES[name].encode()
     first_key = next(iter(json.loads(data)))
