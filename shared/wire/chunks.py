@@ -22,19 +22,13 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated
+
+from msgspec import Meta
 
 from edgefleet.shared.errors import MessageError
-from edgefleet.shared.wire.strict import (
-    DIGEST_RE,
-    check_keys,
-    check_schema,
-    dumps,
-    get_int,
-    get_list,
-    get_str,
-    loads_object,
-)
+
+from .schema import Digest, Text64, Text2048, WireMessage
 
 MAGIC = b"EFC1"
 _HEADER = struct.Struct(">4s32sIIQ32s")
@@ -54,66 +48,27 @@ def chunk_length(total_size: int, chunk_size: int, index: int) -> int:
     return min(chunk_size, total_size - index * chunk_size)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ChunkRequest:
+ChunkIndex = Annotated[int, Meta(ge=0, lt=2**32)]  # u32, as in the header
+
+
+class ChunkRequest(WireMessage, frozen=True, kw_only=True, tag="edgefleet.chunkreq/v1"):
     """A device asks for some chunks of one bundle (``edgefleet.chunkreq/v1``)."""
 
-    bundle_digest: str
-    chunk_size: int
-    indices: tuple[int, ...]
+    max_bytes = 64 * 1024
 
-    def encode(self) -> bytes:
-        return dumps(
-            {
-                "schema": "edgefleet.chunkreq/v1",
-                "bundle_digest": self.bundle_digest,
-                "chunk_size": self.chunk_size,
-                "indices": list(self.indices),
-            }
-        )
-
-    @classmethod
-    def decode(cls, data: bytes) -> ChunkRequest:
-        raw = loads_object(data, "chunkreq", 64 * 1024)
-        check_schema(raw, "chunkreq", 1)
-        check_keys(raw, "chunkreq", {"schema", "bundle_digest", "chunk_size", "indices"})
-        indices = get_list(raw, "indices", "chunkreq", max_items=MAX_INDICES_PER_REQUEST)
-        if not indices or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**32 for i in indices):
-            raise MessageError("chunkreq.indices: expected 1+ chunk indices (u32)")
-        return cls(
-            bundle_digest=get_str(raw, "bundle_digest", "chunkreq", pattern=DIGEST_RE),
-            chunk_size=get_int(raw, "chunk_size", "chunkreq", minimum=MIN_CHUNK_BYTES, maximum=MAX_CHUNK_BYTES),
-            indices=tuple(indices),
-        )
+    bundle_digest: Digest
+    chunk_size: Annotated[int, Meta(ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES)]
+    indices: Annotated[tuple[ChunkIndex, ...], Meta(min_length=1, max_length=MAX_INDICES_PER_REQUEST)]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ChunkError:
+class ChunkError(WireMessage, frozen=True, kw_only=True, tag="edgefleet.chunkerr/v1"):
     """The control plane cannot serve a chunk request (``edgefleet.chunkerr/v1``)."""
 
-    bundle_digest: str
-    code: str
-    message: str
+    max_bytes = 64 * 1024
 
-    def encode(self) -> bytes:
-        return dumps(
-            {
-                "schema": "edgefleet.chunkerr/v1",
-                "bundle_digest": self.bundle_digest,
-                "code": self.code,
-                "message": self.message,
-            }
-        )
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ChunkError:
-        check_schema(raw, "chunkerr", 1)
-        check_keys(raw, "chunkerr", {"schema", "bundle_digest", "code", "message"})
-        return cls(
-            bundle_digest=get_str(raw, "bundle_digest", "chunkerr", pattern=DIGEST_RE),
-            code=get_str(raw, "code", "chunkerr", max_len=64),
-            message=get_str(raw, "message", "chunkerr", max_len=2048),
-        )
+    bundle_digest: Digest
+    code: Text64
+    message: Text2048
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,7 +96,7 @@ class Chunk:
 def decode_chunk_message(payload: bytes, max_chunk_bytes: int = MAX_CHUNK_BYTES) -> Chunk | ChunkError:
     """Decode a ``chunks/data`` payload; raise :class:`MessageError` on anything inconsistent."""
     if payload[:1] == b"{":
-        return ChunkError.from_dict(loads_object(payload, "chunkerr", 64 * 1024))
+        return ChunkError.decode(payload)
     if len(payload) < HEADER_BYTES:
         raise MessageError(f"chunk: {len(payload)} bytes, shorter than its {HEADER_BYTES}-byte header")
     magic, digest, chunk_size, index, total, data_hash = _HEADER.unpack_from(payload)

@@ -3,7 +3,11 @@
 Every wire object names its schema (``"schema": "edgefleet.<kind>/v<N>"``); a known kind with an
 unknown version raises :class:`UnknownSchemaError`, anything malformed raises
 :class:`MessageError` naming the field. Unknown fields are rejected rather than ignored so a
-message is never half-understood.
+message is never half-understood, and a key that appears twice in one object is refused: parsers
+disagree on which of the two wins, so a signer and a verifier could read different messages.
+
+Wire messages are declared in :mod:`edgefleet.shared.wire.schema`; the ``get_*`` helpers here serve
+the hand-checked documents (the bundle manifest, inference requests).
 """
 
 from __future__ import annotations
@@ -21,12 +25,29 @@ DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 
 
+class _DuplicateKeyError(ValueError):
+    """A key appears twice in one JSON object (raised from inside the parser)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKeyError(f"key {key!r:.80} appears twice in one object")
+            seen.add(key)
+    return obj
+
+
 def loads_object(data: bytes | str, what: str, max_bytes: int) -> dict[str, Any]:
-    """Parse JSON bytes that must hold one object, within ``max_bytes``."""
+    """Parse JSON bytes that must hold one object, within ``max_bytes``, no key twice in an object."""
     if len(data) > max_bytes:
         raise MessageError(f"{what}: {len(data)} bytes, over the {max_bytes}-byte limit")
     try:
-        value = json.loads(data)
+        value = json.loads(data, object_pairs_hook=_unique_keys)
+    except _DuplicateKeyError as exc:
+        raise MessageError(f"{what}: {exc}") from None
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise MessageError(f"{what}: not JSON ({exc})") from exc
     if not isinstance(value, dict):
