@@ -19,7 +19,8 @@ The tree (``tests/unit/test_errors.py`` keeps it equal to the classes edgefleet 
     EdgefleetError                  500        the root: a bug or a failure of ours
     ├── ConfigError                 400        bad configuration file, option or argument
     ├── MessageError                400        an MQTT/API payload that does not decode
-    │   └── UnknownSchemaError      400        a well-formed message of a version we do not speak
+    │   ├── UnknownSchemaError      400        a well-formed message of a version we do not speak
+    │   └── _DuplicateKeyError      400        a key twice in one JSON object (shared.wire.strict)
     ├── TooLargeError               413        an upload or request over a configured size limit
     ├── ConflictError               409        the target exists already, with other content
     ├── NotFoundError               404        a model, version, device or bundle that does not exist

@@ -44,6 +44,7 @@ from edgefleet.shared.wire.messages import (
     DESIRED_PAYLOAD_TYPE,
     DesiredState,
     RejectionEvent,
+    RejectionSubject,
     ReportedState,
     verify_desired_state,
 )
@@ -105,7 +106,7 @@ class Reconciler:
                 if isinstance(exc, SignatureError) and self._trust.keyring_version:
                     # Perhaps signed by a rotated-in online key: retry once the keyring catches up.
                     self._deferred_envelope = envelope
-                self._reject("desired", exc)
+                self._reject(RejectionSubject.DESIRED, exc)
                 return
             self._deferred_envelope = None
             self._store.update(desired_envelope=envelope.decode(), accepted_sequence=desired.sequence, failed={})
@@ -128,12 +129,12 @@ class Reconciler:
         try:
             changed = self._trust.offer_keyring(data)
         except EdgefleetError as exc:
-            self._reject("keyring", exc)
+            self._reject(RejectionSubject.KEYRING, exc)
             return
         if changed and self._deferred_envelope is not None:
             self.offer_desired(self._deferred_envelope)
 
-    def _reject(self, subject: str, exc: EdgefleetError) -> None:
+    def _reject(self, subject: RejectionSubject, exc: EdgefleetError) -> None:
         log.warning("%s refused: %s", subject, exc)
         event = RejectionEvent(
             event_id=uuid.uuid4().hex,

@@ -9,7 +9,8 @@ from edgefleet.agent.deployment.machine import is_unproven
 from edgefleet.agent.deployment.shadow_machine import ShadowState
 from edgefleet.agent.deployment.state_store import AgentState, ShadowModel
 from edgefleet.agent.serving.host import ModelHost
-from edgefleet.shared.wire.messages import ModelReport, ReportedState, ShadowReport
+from edgefleet.shared.wire.messages import ModelReport, ModelState, ReportedState, ShadowReport
+from edgefleet.shared.wire.messages import ShadowState as ReportedShadowState
 
 
 def reported_state(device_id: str, state: AgentState, host: ModelHost, *, now: float) -> ReportedState:
@@ -26,7 +27,7 @@ def reported_state(device_id: str, state: AgentState, host: ModelHost, *, now: f
             version=a.version,
             bundle_digest=a.bundle_digest,
             runtime=a.runtime,
-            state="serving" if host.get(a.name, a.version) is not None else "failed",
+            state=ModelState.SERVING if host.get(a.name, a.version) is not None else ModelState.FAILED,
         )
         for a in state.active.values()
         if (a.name, a.bundle_digest) != unproven
@@ -49,7 +50,7 @@ def _shadow_report(entry: ShadowModel, host: ModelHost) -> ShadowReport | None:
             serving_version=entry.serving_version,
             version=entry.version,
             bundle_digest=entry.bundle_digest,
-            state=ShadowState.FAILED.value,
+            state=ReportedShadowState.FAILED,
             message=entry.message,
         )
     runner = host.shadow(entry.name)

@@ -242,13 +242,13 @@ class DynamicBatcher:
         while rows < limit and not stopping:
             remaining = deadline - time.monotonic()
             try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                got = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
-            if not isinstance(item, _Pending):  # _STOP
+            if not isinstance(got, _Pending):  # _STOP
                 stopping = True
                 break
-            pending = item
+            pending = got
             if pending.key == first.key and rows + pending.rows <= limit:
                 batch.append(pending)
                 rows += pending.rows

@@ -45,10 +45,10 @@ from typing import Any
 import numpy as np
 
 from edgefleet.agent.config import ShadowConfig
-from edgefleet.agent.deployment.shadow_machine import ShadowState
 from edgefleet.shared.errors import InferenceError
 from edgefleet.shared.runtimes.base import LoadedModel
 from edgefleet.shared.wire.messages import ShadowReport
+from edgefleet.shared.wire.messages import ShadowState as ReportedShadowState
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ class ShadowRunner:
                 serving_version=self.serving_version or self.version,
                 version=self.version,
                 bundle_digest=self.bundle_digest,
-                state=ShadowState.RUNNING.value,
+                state=ReportedShadowState.RUNNING,
                 samples=s.samples,
                 agreements=s.agreements,
                 errors=s.errors,

@@ -203,7 +203,7 @@ def _decode_input(raw: object, position: int, binary: memoryview | None, offset:
         raise MessageError(f"inputs[{position}]: 'name' must be a non-empty string")
     datatype = raw.get("datatype")
     dtype = V2_TO_NUMPY.get(datatype) if isinstance(datatype, str) else None
-    if dtype is None:
+    if dtype is None or not isinstance(datatype, str):
         raise MessageError(f"input {name!r}: unsupported datatype {datatype!r}, expected one of {sorted(V2_TO_NUMPY)}")
     shape = raw.get("shape")
     if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(type(d) is int and d >= 0 for d in shape):
@@ -586,8 +586,10 @@ def create_inference_app(
     handler = _InferHandler(registry, max_request_bytes, batchers)
     app.add_middleware(_InferFastPath, handler=handler)
     infer_route = _InferRoute(handler)
-    app.add_route("/v2/models/{name}/infer", infer_route, methods=["POST"], include_in_schema=False)
-    app.add_route("/v2/models/{name}/versions/{version}/infer", infer_route, methods=["POST"], include_in_schema=False)
+    # An ASGI app as the endpoint: Starlette's Route serves it as such, though add_route's type
+    # hint names only request handlers.
+    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        app.add_route(path, infer_route, methods=["POST"], include_in_schema=False)  # type: ignore[arg-type]
 
     def metadata(name: str, version: str | None) -> Response:
         try:

@@ -27,8 +27,7 @@ from typing import Annotated
 from msgspec import Meta
 
 from edgefleet.shared.errors import MessageError
-
-from .schema import Digest, Text64, Text2048, WireMessage
+from edgefleet.shared.wire.schema import Digest, Text64, Text2048, WireMessage
 
 MAGIC = b"EFC1"
 _HEADER = struct.Struct(">4s32sIIQ32s")

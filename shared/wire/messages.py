@@ -21,8 +21,7 @@ from msgspec import Meta
 
 from edgefleet.shared.errors import DirectiveError, MessageError
 from edgefleet.shared.trust.signing import SigningKey, open_envelope, seal_envelope
-
-from .schema import (
+from edgefleet.shared.wire.schema import (
     MAX_MESSAGE_BYTES,
     Count,
     DeviceId,
@@ -38,7 +37,7 @@ from .schema import (
     WireMessage,
     WireStruct,
 )
-from .strict import check_schema, loads_object
+from edgefleet.shared.wire.strict import check_schema, loads_object
 
 __all__ = [
     "DESIRED_PAYLOAD_TYPE",

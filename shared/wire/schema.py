@@ -66,8 +66,7 @@ import msgspec
 from msgspec import Meta
 
 from edgefleet.shared.errors import MessageError
-
-from .strict import (
+from edgefleet.shared.wire.strict import (
     DEVICE_ID_RE,
     DIGEST_RE,
     NAME_RE,

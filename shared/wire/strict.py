@@ -25,8 +25,10 @@ DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 
 
-class _DuplicateKeyError(ValueError):
+class _DuplicateKeyError(MessageError):
     """A key appears twice in one JSON object (raised from inside the parser)."""
+
+    code = "duplicate_key"
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

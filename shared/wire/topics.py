@@ -19,8 +19,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from edgefleet.shared.errors import MessageError
-
-from .strict import DEVICE_ID_RE
+from edgefleet.shared.wire.strict import DEVICE_ID_RE
 
 ROOT = "edgefleet/v1/devices"
 KEYRING_ROOT = "edgefleet/v1/trust/keyring"  # fleet-wide, retained, one topic per version: readable by all

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from msgspec.structs import replace as replace_struct
 
 from edgefleet.agent.deployment.compatibility import check_installable, preferred_providers, raised_floor
 from edgefleet.shared.bundle.manifest import Compatibility, FileEntry, Manifest
@@ -44,7 +45,7 @@ def test_a_matching_bundle_is_installable() -> None:
 @pytest.mark.parametrize("field,value", [("name", "other"), ("version", "2.0.1"), ("runtime", "tflite")])
 def test_a_signed_bundle_that_is_not_what_the_directive_names_is_refused(field: str, value: str) -> None:
     with pytest.raises(IncompatibleBundleError, match="the desired state names"):
-        check(directive=replace(DIRECTIVE, **{field: value}))
+        check(directive=replace_struct(DIRECTIVE, **{field: value}))
 
 
 def test_wrong_architecture_is_refused() -> None:
@@ -64,9 +65,9 @@ def test_a_missing_accelerator_is_refused() -> None:
 def test_a_downgrade_below_the_floor_is_refused_and_floors_only_rise() -> None:
     old = replace(MANIFEST, version="1.4.0")
     with pytest.raises(DowngradeError, match="floor 1.5"):
-        check(old, replace(DIRECTIVE, version="1.4.0"), floor="1.5")
-    check(old, replace(DIRECTIVE, version="1.4.0"), floor="1.4.0")  # at the floor is fine
-    check(old, replace(DIRECTIVE, version="1.4.0"), floor=None)  # operators may roll back freely without one
+        check(old, replace_struct(DIRECTIVE, version="1.4.0"), floor="1.5")
+    check(old, replace_struct(DIRECTIVE, version="1.4.0"), floor="1.4.0")  # at the floor is fine
+    check(old, replace_struct(DIRECTIVE, version="1.4.0"), floor=None)  # operators may roll back freely without one
     assert raised_floor(None, replace(MANIFEST, min_version="1.5")) == "1.5"
     assert raised_floor("2.0", replace(MANIFEST, min_version="1.5")) == "2.0"
     assert raised_floor("1.0", MANIFEST) == "1.0"

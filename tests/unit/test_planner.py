@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import msgspec
 import pytest
 
 from edgefleet.agent.deployment.machine import RECOVERY, Recovery, State
@@ -190,9 +191,9 @@ def test_a_shadow_waits_for_something_serving_to_compare_with() -> None:
 def test_a_shadow_of_the_serving_version_is_a_promotion_and_not_run(same: str) -> None:
     base = directive("a", 1, shadow=2)
     assert base.shadow is not None
-    shadow = dataclasses.replace(base.shadow, **({"bundle_digest": digest(1)} if same == "digest" else
+    shadow = msgspec.structs.replace(base.shadow, **({"bundle_digest": digest(1)} if same == "digest" else
                                                   {"version": "1.0.0"}))
-    d = desired(dataclasses.replace(base, shadow=shadow))
+    d = desired(msgspec.structs.replace(base, shadow=shadow))
     state = AgentState(active={"a": active("a", 1)}, shadows={"a": shadow_entry("a", 2, ShadowState.RUNNING)})
     actions = plan(d, state, facts(serving=frozenset({"a"})))
     assert actions == (StopShadow(name="a"), *closing(d))
