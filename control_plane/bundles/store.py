@@ -11,7 +11,7 @@ hundredth device costs a dictionary lookup instead of a disk read.
 Devices read a bundle front to back, so a plain LRU fails exactly when it matters: for a bundle
 larger than the cache, each read evicts the chunk the next device will need soonest, and every
 device that comes later reads the whole bundle from disk again (measured in
-``tests/unit/test_chunk_cache.py``). The cache is therefore split in two LRUs:
+``tests/unit/control_plane/bundles/test_chunk_cache.py``). The cache is therefore split in two LRUs:
 
 - the *main* part (7/8 of ``cache_bytes``) admits a chunk only if it lies within the first
   ``main`` bytes of its bundle: a bundle that fits is cached whole; of a larger one, its head stays

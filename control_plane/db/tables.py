@@ -2,7 +2,7 @@
 :mod:`edgefleet.control_plane.api.schemas`.
 
 Every change to these classes needs a migration in :mod:`edgefleet.control_plane.db.migrations`
-(``tests/integration/test_migrations.py`` fails while the two differ).
+(``tests/integration/control_plane/test_migrations.py`` fails while the two differ).
 
 - :class:`Device`: one row per device, created when it first reports (or by ``POST /devices``).
 - :class:`ModelVersion`: one published bundle per (name, version); the bundle file itself is in

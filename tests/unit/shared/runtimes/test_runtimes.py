@@ -230,7 +230,7 @@ def test_runtimes_are_imported_lazily(onnx_path: Path, tflite_path: Path) -> Non
         f"load_model('onnx', {str(onnx_path)!r}, name='m', version='1')\n"
         "assert 'onnxruntime' in sys.modules\n"
     )
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[4]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 

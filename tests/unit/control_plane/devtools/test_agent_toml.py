@@ -11,7 +11,7 @@ import pytest
 from edgefleet.agent.config import AgentConfig
 from edgefleet.control_plane.devtools.agent_toml import agent_toml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[4]
 
 
 def test_what_the_control_plane_writes_the_agent_reads() -> None:

@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from tcp_proxy import TcpProxy
+from support.tcp_proxy import TcpProxy
 
 from edgefleet.agent.deployment.state_store import STATE_FILE, AgentState
 from edgefleet.control_plane.broker.embedded import MosquittoBroker
