@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet.agent.config import ShadowConfig
-from edgefleet.shared.errors import InferenceError
+from edgefleet.shared.errors import ConfigError, InferenceError
 from edgefleet.shared.runtimes.base import LoadedModel
 from edgefleet.shared.wire.messages import ShadowReport
 from edgefleet.shared.wire.messages import ShadowState as ReportedShadowState
@@ -228,7 +228,7 @@ class ShadowRunner:
             seed: Seed of the sampling and reservoir draws (tests).
         """
         if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+            raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.model = model
         self.bundle_digest = bundle_digest
         self.sample_rate = sample_rate
@@ -300,7 +300,7 @@ class ShadowRunner:
     def set_sample_rate(self, sample_rate: float) -> None:
         """Change the fraction mirrored (a float store: the serving path reads it unlocked)."""
         if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+            raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.sample_rate = sample_rate
 
     def wait_idle(self, timeout_s: float) -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from edgefleet.shared.errors import MessageError
+from edgefleet.shared.errors import ConfigError, MessageError
 from edgefleet.shared.wire.strict import DEVICE_ID_RE
 
 ROOT = "edgefleet/v1/devices"
@@ -44,7 +44,7 @@ DEVICE_SUBSCRIBES = (Leaf.DESIRED, Leaf.CHUNK_DATA)
 def device_topic(device_id: str, leaf: Leaf) -> str:
     """The topic ``leaf`` of ``device_id``."""
     if not DEVICE_ID_RE.match(device_id):
-        raise ValueError(f"invalid device id {device_id!r}")
+        raise ConfigError(f"invalid device id {device_id!r:.80}")
     return f"{ROOT}/{device_id}/{leaf}"
 
 

@@ -7,7 +7,7 @@ import re
 import pytest
 from paho.mqtt.client import topic_matches_sub
 
-from edgefleet.shared.errors import MessageError
+from edgefleet.shared.errors import ConfigError, MessageError
 from edgefleet.shared.wire.topics import (
     DEVICE_PUBLISHES,
     DEVICE_SUBSCRIBES,
@@ -39,7 +39,7 @@ def test_every_leaf_is_either_published_or_subscribed_by_the_device() -> None:
     ["+", "#", "a/b", "", "-leading-dash", "d" * 129, "dev 1", "dév", "a+b", "pi-kitchen-01\n"],
 )
 def test_device_topic_refuses_ids_that_are_not_device_ids(device_id: str) -> None:
-    with pytest.raises(ValueError, match="invalid device id"):
+    with pytest.raises(ConfigError, match="invalid device id"):
         device_topic(device_id, Leaf.DESIRED)
 
 
