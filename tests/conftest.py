@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
+from support.control_plane import fresh_engine
 
 from edgefleet.control_plane.broker.embedded import BrokerSettings, MosquittoBroker, find_mosquitto, start_mosquitto
 
@@ -40,3 +42,10 @@ def fresh_mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
         yield handle
     finally:
         handle.stop()
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    """A fresh control-plane database (see :func:`support.control_plane.fresh_engine`); a module may
+    override it with a fixture of the same name that requests this one and seeds it."""
+    yield from fresh_engine(tmp_path)

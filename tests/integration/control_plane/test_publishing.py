@@ -11,7 +11,6 @@ from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from edgefleet.control_plane.bundles.store import BundleStore
-from edgefleet.control_plane.db.engine import create_db_engine, create_tables
 from edgefleet.control_plane.db.tables import ModelVersion
 from edgefleet.control_plane.devtools.demo_models import MLPWeights, build_onnx_mlp, build_tflite_mlp, make_mlp_weights
 from edgefleet.control_plane.errors import ConflictError
@@ -19,14 +18,6 @@ from edgefleet.control_plane.services.keys import ControlPlaneKeys, load_or_crea
 from edgefleet.control_plane.services.publishing import infer_runtime, publish_model
 from edgefleet.shared.bundle.format import sha256_file, verify_bundle
 from edgefleet.shared.errors import MessageError, RuntimeLoadError
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'cp.db'}")
-    create_tables(engine)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

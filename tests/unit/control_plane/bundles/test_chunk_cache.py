@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,7 +19,6 @@ from sqlmodel import Session, select
 
 from edgefleet.control_plane.bundles import store as bundle_store
 from edgefleet.control_plane.bundles.store import BundleStore
-from edgefleet.control_plane.db.engine import create_db_engine, create_tables
 from edgefleet.control_plane.db.tables import Assignment, Device, ModelVersion
 from edgefleet.control_plane.messaging.ingest import ChunkErrorCode, Ingestor
 from edgefleet.shared.wire.chunks import Chunk, ChunkError, ChunkRequest, chunk_count, decode_chunk_message
@@ -51,14 +50,6 @@ class DiskReads:
         self.calls += 1
         self.bytes += len(data)
         return data
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'cp.db'}")
-    create_tables(engine)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

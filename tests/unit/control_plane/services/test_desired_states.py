@@ -6,16 +6,13 @@ to publish; the published envelopes are checked with the agent's own verifier.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
-from sqlmodel import Session, SQLModel, select
+from sqlmodel import Session, select
+from support.control_plane import FakePublisher
 
-from edgefleet.control_plane.db.engine import create_db_engine, create_tables
 from edgefleet.control_plane.db.tables import Assignment, Deployment, DeploymentStatus, Device, ModelVersion
 from edgefleet.control_plane.services.desired_states import DesiredStateService, desired_state_for, is_past_half_life
 from edgefleet.shared.errors import MessageError, NotFoundError, SignatureError
@@ -25,28 +22,6 @@ from edgefleet.shared.wire.topics import Leaf, device_topic
 
 TTL_S = 1000.0
 T0 = 1_800_000_000.0
-
-
-class FakePublisher:
-    """Records every publish instead of sending it."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, bool]] = []
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        self.sent.append((topic, payload, retain))
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    # A SQLite file by default; EDGEFLEET_TEST_DATABASE_URL runs the same tests on another
-    # database (e.g. postgresql+psycopg://...), emptied first.
-    url = os.environ.get("EDGEFLEET_TEST_DATABASE_URL") or f"sqlite:///{tmp_path / 'cp.db'}"
-    engine = create_db_engine(url)
-    SQLModel.metadata.drop_all(engine)
-    create_tables(engine)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session
 
 from edgefleet.control_plane.broker.config import verify_password
-from edgefleet.control_plane.db.engine import create_db_engine, create_tables
 from edgefleet.control_plane.db.tables import Device, Enrollment
 from edgefleet.control_plane.services.enrollment import enroll, issue_token, token_sha256
 from edgefleet.shared.errors import MessageError, TrustError
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'cp.db'}")
-    create_tables(engine)
-    yield engine
-    engine.dispose()
 
 
 def test_a_token_buys_credentials_once_and_only_its_hash_is_stored(engine: Engine) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session
+from support.control_plane import FakePublisher
 
-from edgefleet.control_plane.db.engine import create_db_engine, create_tables
 from edgefleet.control_plane.db.tables import Device, ModelVersion
 from edgefleet.control_plane.services.desired_states import DesiredStateService
 from edgefleet.control_plane.services.keyring import KeyringChange, KeyringService, rotate_keyring
@@ -24,18 +24,8 @@ from edgefleet.shared.wire.topics import keyring_topic
 T0 = 1_800_000_000.0
 
 
-class FakePublisher:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes]] = []
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        self.sent.append((topic, payload))
-
-
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'cp.db'}")
-    create_tables(engine)
+def engine(engine: Engine) -> Iterator[Engine]:
     with Session(engine) as session:
         session.add(Device(id="d1", created_at=datetime.now(UTC)))
         session.add(
@@ -46,7 +36,6 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
         )
         session.commit()
     yield engine
-    engine.dispose()
 
 
 def test_rotating_the_online_key_publishes_the_version_and_re_signs_with_the_new_key(
@@ -66,9 +55,9 @@ def test_rotating_the_online_key_publishes_the_version_and_re_signs_with_the_new
     assert issued.version == 2 and keyring.current is issued
     new_online = keyring.keys.online
     assert new_online.key_id != old_online.key_id and new_online.key_id in issued.online_keys
-    topics = [topic for topic, _ in publisher.sent]
+    topics = [topic for topic, _, _ in publisher.sent]
     assert topics[:2] == [keyring_topic(1), keyring_topic(2)]  # every version, before the desired state
-    [(_, envelope)] = publisher.sent[2:]
+    [(_, envelope, _)] = publisher.sent[2:]
     state = verify_desired_state(
         envelope, trusted_keys={new_online.key_id: new_online.public_key}, device_id="d1", last_sequence=1,
         now=T0 + 1,

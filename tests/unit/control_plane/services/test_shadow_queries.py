@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session, select
+from support.control_plane import FakePublisher
 
 from edgefleet.control_plane.api.schemas import device_shadows_public
-from edgefleet.control_plane.db.engine import create_db_engine, create_tables
 from edgefleet.control_plane.db.tables import Assignment, Device, ModelVersion, Shadow
 from edgefleet.control_plane.services.desired_states import DesiredStateService
 from edgefleet.control_plane.services.shadows import find_shadows
@@ -23,18 +22,8 @@ T0 = 1_800_000_000.0
 NOW = datetime.fromtimestamp(T0, UTC)
 
 
-class FakePublisher:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes]] = []
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        self.sent.append((topic, payload))
-
-
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'cp.db'}")
-    create_tables(engine)
+def engine(engine: Engine) -> Iterator[Engine]:
     with Session(engine) as session:
         for n, version in enumerate(["1.0.0", "2.0.0"], start=1):
             for name in ("clf", "det"):
@@ -54,7 +43,6 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
         session.add(_shadow("d3", "det"))
         session.commit()
     yield engine
-    engine.dispose()
 
 
 def _digest(name: str, n: int) -> str:
@@ -107,7 +95,7 @@ def test_clearing_a_shadow_keeps_its_row_removed_and_drops_it_from_the_desired_s
         assert service.clear_shadow(session, ["d1"], "clf", now=T0 + 2) == []  # nothing active is left
         row = session.exec(select(Shadow).where(Shadow.device_id == "d1")).one()
         assert row.removed_at == datetime.fromtimestamp(T0 + 1, UTC) and row.version == "2.0.0"
-    [(topic, envelope)] = publisher.sent
+    [(topic, envelope, _)] = publisher.sent
     assert topic.endswith("/d1/desired")
     state = verify_desired_state(
         envelope, trusted_keys={key.key_id: key.public_key}, device_id="d1", last_sequence=0, now=T0 + 1
