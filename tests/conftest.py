@@ -24,24 +24,24 @@ def _start(data_dir: Path) -> MosquittoBroker:
     return start_mosquitto(BrokerSettings(data_dir=data_dir), binary=binary)
 
 
-@pytest.fixture(scope="session")
-def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
-    """A Mosquitto shared by the whole session. Do not stop, kill or restart it: use ``fresh_mosquitto``."""
-    handle = _start(tmp_path_factory.mktemp("mosquitto"))
+def _running(data_dir: Path) -> Iterator[MosquittoBroker]:
+    handle = _start(data_dir)
     try:
         yield handle
     finally:
         handle.stop()
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    """A Mosquitto shared by the whole session. Do not stop, kill or restart it: use ``fresh_mosquitto``."""
+    yield from _running(tmp_path_factory.mktemp("mosquitto"))
 
 
 @pytest.fixture
 def fresh_mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
     """A Mosquitto of this test's own, free to restart(), kill() or stop()."""
-    handle = _start(tmp_path / "mosquitto")
-    try:
-        yield handle
-    finally:
-        handle.stop()
+    yield from _running(tmp_path / "mosquitto")
 
 
 @pytest.fixture

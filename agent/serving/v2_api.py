@@ -618,19 +618,13 @@ def create_inference_app(
         return _json({"name": server_name, "version": server_version, "extensions": list(EXTENSIONS)})
 
     @app.get("/v2/models/{name}")
-    async def get_model(name: str) -> Response:
-        return metadata(name, None)
-
     @app.get("/v2/models/{name}/versions/{version}")
-    async def get_model_version(name: str, version: str) -> Response:
+    async def get_model(name: str, version: str | None = None) -> Response:
         return metadata(name, version)
 
     @app.get("/v2/models/{name}/ready")
-    async def get_model_ready(name: str) -> Response:
-        return ready(name, None)
-
     @app.get("/v2/models/{name}/versions/{version}/ready")
-    async def get_model_version_ready(name: str, version: str) -> Response:
+    async def get_model_ready(name: str, version: str | None = None) -> Response:
         return ready(name, version)
 
     @app.exception_handler(StarletteHTTPException)

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from support.clock import FakeClock
+
 from edgefleet.agent.scheduling import SerialStepper, Timer
 from edgefleet.shared.link.backoff import Backoff
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_backoff_doubles_up_to_its_ceiling_and_resets() -> None:

@@ -6,18 +6,11 @@ import threading
 import time
 
 import pytest
+from support.clock import FakeClock
 
 from edgefleet.agent.config import TransferConfig
 from edgefleet.agent.transfer.bandwidth import BandwidthLimiter, TokenBucket
 from edgefleet.shared.errors import ConfigError
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_full_bucket_lets_a_burst_through_then_charges_the_rate() -> None:
@@ -72,7 +65,7 @@ def test_a_bucket_needs_a_positive_rate_and_burst(rate: float, burst: float) -> 
 
 
 def test_the_limiter_asks_its_bucket_with_its_clock() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     limiter = BandwidthLimiter(1000, burst_bytes=1000, clock=clock)
 
     assert limiter.delay_for(1000) == 0.0
