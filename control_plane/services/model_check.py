@@ -19,6 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgefleet.shared.errors import MessageError, RuntimeLoadError
 from edgefleet.shared.runtimes.inspection import inspect_model
@@ -150,7 +151,7 @@ def load_in_sandbox(
     return ModelSignature(runtime=runtime, inputs=inputs, outputs=outputs)
 
 
-def _parse(stdout: bytes) -> dict[str, object]:
+def _parse(stdout: bytes) -> dict[str, Any]:
     lines = stdout.decode("utf-8", "replace").strip().splitlines()
     if not lines:
         return {}
