@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from edgefleet.shared.errors import RuntimeLoadError
 from edgefleet.shared.runtimes.onnx_backend import onnx_type_to_v2
-from edgefleet.shared.runtimes.protobuf import WireFormatError, as_int, as_message, as_text, fields
+from edgefleet.shared.runtimes.protobuf import as_int, as_message, as_text, fields
 from edgefleet.shared.runtimes.signature import ModelSignature
 from edgefleet.shared.tensors import MAX_RANK, TensorSpec
 
@@ -61,7 +61,9 @@ def inspect_onnx(data: bytes | memoryview, label: str) -> ModelSignature:
     """
     try:
         return _inspect(memoryview(data), label)
-    except WireFormatError as exc:
+    except RuntimeLoadError:
+        raise
+    except ValueError as exc:  # the wire format's own errors (UnicodeDecodeError among them)
         raise RuntimeLoadError(f"{label} is not a valid ONNX model: {exc}") from exc
 
 

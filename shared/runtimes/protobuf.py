@@ -2,8 +2,8 @@
 
 Only what :mod:`.onnx_inspect` needs: iterate the (field number, wire type, value) triples of one
 message held in a buffer. Every length and offset is checked against the buffer, so hostile
-bytes end in :class:`WireFormatError`, never in a read past the end or unbounded work: each
-step consumes at least one byte.
+bytes end in a ``ValueError`` (the caller's to translate), never in a read past the end or
+unbounded work: each step consumes at least one byte.
 """
 
 from __future__ import annotations
@@ -18,26 +18,22 @@ FIXED32 = 5
 _MAX_VARINT_BYTES = 10  # a 64-bit value
 
 
-class WireFormatError(ValueError):
-    """The bytes are not a well-formed protobuf message."""
-
-
 def read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
     """Decode the varint at ``pos``; returns it and the position after it.
 
     Raises:
-        WireFormatError: Truncated, or longer than 10 bytes.
+        ValueError: Truncated, or longer than 10 bytes.
     """
     value = 0
     for i in range(_MAX_VARINT_BYTES):
         if pos >= end:
-            raise WireFormatError("truncated varint")
+            raise ValueError("truncated varint")
         byte = buf[pos]
         pos += 1
         value |= (byte & 0x7F) << (7 * i)
         if byte < 0x80:
             return value & 0xFFFF_FFFF_FFFF_FFFF, pos
-    raise WireFormatError("varint longer than 10 bytes")
+    raise ValueError("varint longer than 10 bytes")
 
 
 def fields(buf: memoryview, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int | memoryview]]:
@@ -48,7 +44,7 @@ def fields(buf: memoryview, start: int = 0, end: int | None = None) -> Iterator[
         ``memoryview`` (no copy) for length-delimited ones.
 
     Raises:
-        WireFormatError: A truncated field, a length past the end, field number 0, or a wire
+        ValueError: A truncated field, a length past the end, field number 0, or a wire
             type protobuf 3 does not write (groups, 6, 7).
     """
     end = len(buf) if end is None else end
@@ -57,48 +53,48 @@ def fields(buf: memoryview, start: int = 0, end: int | None = None) -> Iterator[
         key, pos = read_varint(buf, pos, end)
         number, wire_type = key >> 3, key & 7
         if number == 0:
-            raise WireFormatError("field number 0")
+            raise ValueError("field number 0")
         if wire_type == VARINT:
             value, pos = read_varint(buf, pos, end)
             yield number, wire_type, value
         elif wire_type == LENGTH_DELIMITED:
             length, pos = read_varint(buf, pos, end)
             if length > end - pos:
-                raise WireFormatError(f"field {number}: length {length} runs past the end")
+                raise ValueError(f"field {number}: length {length} runs past the end")
             yield number, wire_type, buf[pos : pos + length]
             pos += length
         elif wire_type in (FIXED64, FIXED32):
             width = 8 if wire_type == FIXED64 else 4
             if width > end - pos:
-                raise WireFormatError(f"field {number}: truncated fixed-width value")
+                raise ValueError(f"field {number}: truncated fixed-width value")
             yield number, wire_type, int.from_bytes(buf[pos : pos + width], "little")
             pos += width
         else:
-            raise WireFormatError(f"field {number}: unsupported wire type {wire_type}")
+            raise ValueError(f"field {number}: unsupported wire type {wire_type}")
 
 
 def as_text(value: int | memoryview, what: str) -> str:
     """A length-delimited field as UTF-8 text.
 
     Raises:
-        WireFormatError: Not length-delimited, or not UTF-8.
+        ValueError: Not length-delimited, or not UTF-8.
     """
     if not isinstance(value, memoryview):
-        raise WireFormatError(f"{what} is not a string")
+        raise ValueError(f"{what} is not a string")
     try:
         return bytes(value).decode("utf-8")
     except UnicodeDecodeError:
-        raise WireFormatError(f"{what} is not UTF-8") from None
+        raise ValueError(f"{what} is not UTF-8") from None
 
 
 def as_message(value: int | memoryview, what: str) -> memoryview:
     """A length-delimited field as an embedded message's bytes.
 
     Raises:
-        WireFormatError: Not length-delimited.
+        ValueError: Not length-delimited.
     """
     if not isinstance(value, memoryview):
-        raise WireFormatError(f"{what} is not a message")
+        raise ValueError(f"{what} is not a message")
     return value
 
 
@@ -106,10 +102,10 @@ def as_int(value: int | memoryview, what: str, *, signed: bool = True) -> int:
     """A varint field as a (two's complement, when ``signed``) 64-bit integer.
 
     Raises:
-        WireFormatError: Not a varint.
+        ValueError: Not a varint.
     """
     if isinstance(value, memoryview):
-        raise WireFormatError(f"{what} is not an integer")
+        raise ValueError(f"{what} is not an integer")
     if signed and value >= 1 << 63:
         return value - (1 << 64)
     return value

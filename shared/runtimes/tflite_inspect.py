@@ -32,12 +32,9 @@ _TENSOR_TYPES: dict[int, np.dtype] = {
 _MAX_NAME_BYTES = 256  # what a manifest's tensor spec accepts
 
 
-class _Malformed(ValueError):
-    """An offset or length in the flatbuffer points outside it."""
-
-
 class _Buffer:
-    """Bounds-checked flatbuffer primitives over the file's bytes."""
+    """Bounds-checked flatbuffer primitives over the file's bytes; ``ValueError`` where an offset
+    or length points outside them."""
 
     def __init__(self, data: bytes | memoryview) -> None:
         self._buf = memoryview(data)
@@ -45,7 +42,7 @@ class _Buffer:
 
     def _uint(self, pos: int, width: int, signed: bool = False) -> int:
         if pos < 0 or pos + width > self._size:
-            raise _Malformed(f"read of {width} bytes at {pos} past the end ({self._size} bytes)")
+            raise ValueError(f"read of {width} bytes at {pos} past the end ({self._size} bytes)")
         return int.from_bytes(self._buf[pos : pos + width], "little", signed=signed)
 
     def root(self) -> int:
@@ -81,7 +78,7 @@ class _Buffer:
             return None
         start, length = found
         if length > limit:
-            raise _Malformed(f"a vector of {length} ints, over {limit}")
+            raise ValueError(f"a vector of {length} ints, over {limit}")
         return [self._uint(start + 4 * i, 4, signed=True) for i in range(length)]
 
     def table_vector(self, table: int, field: int) -> tuple[int, int]:
@@ -91,7 +88,7 @@ class _Buffer:
             return 0, 0
         start, length = found
         if length > (self._size - start) // 4:
-            raise _Malformed(f"a vector of {length} tables does not fit the file")
+            raise ValueError(f"a vector of {length} tables does not fit the file")
         return start, length
 
     def element(self, start: int, index: int) -> int:
@@ -103,9 +100,9 @@ class _Buffer:
             return None
         start, length = found
         if length > limit:
-            raise _Malformed(f"a string of {length} bytes, over {limit}")
+            raise ValueError(f"a string of {length} bytes, over {limit}")
         if start + length > self._size:
-            raise _Malformed(f"a string of {length} bytes at {start} runs past the end")
+            raise ValueError(f"a string of {length} bytes at {start} runs past the end")
         return bytes(self._buf[start : start + length]).decode("utf-8")
 
 
@@ -125,7 +122,9 @@ def inspect_tflite(data: bytes | memoryview, label: str) -> ModelSignature:
     buf = _Buffer(data)
     try:
         return _inspect(buf, label)
-    except (_Malformed, UnicodeDecodeError) as exc:
+    except RuntimeLoadError:
+        raise
+    except ValueError as exc:  # an offset or length outside the file, or a name that is not UTF-8
         raise RuntimeLoadError(f"{label} is not a valid TFLite model: {exc}") from exc
 
 
