@@ -34,10 +34,14 @@ def probe(runtime: str, model_path: Path, *, name: str, version: str) -> dict[st
     """
     # Imported after limit_self: the runtime's own start-up is bounded too.
     from edgefleet.shared.errors import RuntimeLoadError
-    from edgefleet.shared.runtimes import load_model
+    from edgefleet.shared.runtimes import RuntimeOptions, load_model
+    from edgefleet.shared.runtimes.onnx_backend import CPU_PROVIDER
 
+    # The CPU provider only: whether the file loads and what it declares do not depend on the
+    # provider, and an accelerator's start-up reserves more address space than the limit allows.
+    options = RuntimeOptions(intra_op_threads=1, providers=(CPU_PROVIDER,))
     try:
-        model = load_model(runtime, model_path, name=name, version=version)
+        model = load_model(runtime, model_path, name=name, version=version, options=options)
     except RuntimeLoadError as exc:
         return {"error": str(exc)}
     try:
