@@ -134,9 +134,12 @@ def load_in_sandbox(
         ) from None
     stderr_tail = _scrub(done.stderr[-2000:].decode("utf-8", "replace"), path, label)
     if done.returncode < 0:
-        name = _signal_name(-done.returncode)
-        log.warning("%s: the %s runtime crashed with %s loading it; stderr: %s", label, runtime, name, stderr_tail)
-        what = "ran out of time" if name == "SIGXCPU" else f"crashed ({name})"
+        signal_name = _signal_name(-done.returncode)
+        log.warning(
+            "%s: the %s runtime crashed with %s loading it; stderr: %s", label, runtime, signal_name, stderr_tail
+        )
+        # RLIMIT_CPU ends the child with SIGXCPU.
+        what = "ran out of CPU time" if signal_name == "SIGXCPU" else f"crashed ({signal_name})"
         raise RuntimeLoadError(f"{label}: the {runtime} runtime {what} loading it; the file is refused")
     result = _parse(done.stdout[-_OUTPUT_LIMIT:])
     if done.returncode == LOAD_REFUSED_EXIT and isinstance(result.get("error"), str):

@@ -23,7 +23,8 @@ LOAD_REFUSED_EXIT = 2
 def limit_self(memory_bytes: int, cpu_seconds: int) -> None:
     """Cap this process's address space and CPU time, and write no core file if it crashes."""
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
+    # The hard limit a second later: SIGXCPU (which the parent reports) before SIGKILL.
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 

@@ -85,6 +85,12 @@ def test_a_check_past_its_time_limit_is_a_load_error(tmp_path: Path) -> None:
         load_in_sandbox("onnx", path, label="m.onnx", limits=CheckLimits(timeout_s=0.01))
 
 
+def test_a_check_past_its_cpu_limit_is_a_load_error(tmp_path: Path) -> None:
+    path = _upload(tmp_path, ONNX_MLP)
+    with pytest.raises(RuntimeLoadError, match=r"m.onnx: the onnx runtime ran out of CPU time loading it"):
+        load_in_sandbox("onnx", path, label="m.onnx", limits=CheckLimits(cpu_s=0))
+
+
 def test_a_check_past_its_memory_limit_is_a_load_error(tmp_path: Path) -> None:
     path = _upload(tmp_path, ONNX_MLP)
     tight = CheckLimits(memory_bytes=64 * 1024 * 1024, memory_per_model_byte=0)
