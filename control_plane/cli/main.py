@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -124,14 +125,14 @@ def models_push(
     ] = None,
     min_version: Annotated[
         str | None,
-        typer.Option(help="With --key: devices that install this release refuse versions below this one."),
+        typer.Option(help="Devices that install this release refuse versions below this one."),
     ] = None,
     health_inputs: Annotated[
         Path | None,
-        typer.Option(help="With --key: .npz of sample inputs (one array per input) for the device's health check."),
+        typer.Option(help=".npz of sample inputs (one array per input) for the device's health check."),
     ] = None,
     latency_budget_ms: Annotated[
-        float | None, typer.Option(help="With --key: the health-check inference must finish within this.")
+        float | None, typer.Option(help="The health-check inference must finish within this.")
     ] = None,
     api_url: ApiUrl = DEFAULT_API_URL,
     as_json: AsJson = False,
@@ -158,7 +159,17 @@ def models_push(
                 finally:
                     bundle.unlink(missing_ok=True)
             else:
-                result = client.push_model(file, name=name, version=version, runtime=runtime, description=description)
+                result = _upload_model(
+                    client,
+                    file,
+                    name=name,
+                    version=version,
+                    runtime=runtime,
+                    description=description,
+                    min_version=min_version,
+                    health_inputs=health_inputs,
+                    latency_budget_ms=latency_budget_ms,
+                )
     except EdgefleetError as exc:
         raise _fail(exc) from exc
     if as_json:
@@ -168,6 +179,36 @@ def models_push(
             f"published [bold]{result['name']}:{result['version']}[/bold] ({result['runtime']}) "
             f"bundle {result['bundle_digest'][:19]}… {result['bundle_size']} bytes"
         )
+
+
+def _upload_model(
+    client: EdgefleetClient,
+    file: Path,
+    *,
+    name: str,
+    version: str,
+    runtime: str | None,
+    description: str,
+    min_version: str | None,
+    health_inputs: Path | None,
+    latency_budget_ms: float | None,
+) -> dict[str, Any]:
+    """``POST /api/v1/models`` with every option of ``models push``, so none is dropped without --key."""
+    data = {"name": name, "version": version, "description": description}
+    if runtime:
+        data["runtime"] = runtime
+    if min_version is not None:
+        data["min_version"] = min_version
+    if latency_budget_ms is not None:
+        data["latency_budget_ms"] = repr(latency_budget_ms)
+    with contextlib.ExitStack() as stack:
+        files = {"file": (file.name, stack.enter_context(file.open("rb")))}
+        if health_inputs is not None:
+            files["health_inputs"] = (health_inputs.name, stack.enter_context(health_inputs.open("rb")))
+        # EdgefleetClient.push_model takes none of the health-check options yet: the request is
+        # built here, through the client's one error mapping.
+        result: dict[str, Any] = client._call("POST", "/api/v1/models", data=data, files=files)
+    return result
 
 
 @models_app.command("list")

@@ -1,8 +1,11 @@
 """Publishing a model: from a model file to a signed, stored bundle and its database row.
 
-The model is opened in its runtime first (the same :func:`shared.runtimes.load_model` a device
-uses), which proves it loads and gives the input/output signature for the manifest: a file
-that would fail on every device is refused here, with a 400, not discovered fleet-wide.
+The model is checked first (:func:`.model_check.check_model`): its own format is parsed
+without running it, then it is loaded in its runtime (the same :func:`shared.runtimes.load_model`
+a device uses) in a short-lived child process with time and memory limits, never in the server
+process, because a hostile file can crash a native runtime. That proves it loads and gives the
+input/output signature for the manifest: a file that would fail on every device is refused
+here, with a 400 that names the user's file, not discovered fleet-wide.
 
 Publishing is idempotent for CI retries: the same name, version and model bytes again return
 the existing version; the same name and version with other bytes is a conflict, because
@@ -13,21 +16,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from packaging.version import InvalidVersion, Version
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from edgefleet.control_plane.bundles.store import BundleStore
 from edgefleet.control_plane.db.tables import ModelVersion, utcnow
 from edgefleet.control_plane.errors import ConflictError
+from edgefleet.control_plane.services.health_inputs import check_health_inputs
 from edgefleet.control_plane.services.keys import ControlPlaneKeys
+from edgefleet.control_plane.services.model_check import DEFAULT_LIMITS, CheckLimits, check_model
 from edgefleet.shared.bundle.format import build_bundle, make_manifest, sha256_file, verify_bundle
 from edgefleet.shared.bundle.manifest import MODEL_EXTENSIONS, RUNTIMES, Manifest
-from edgefleet.shared.errors import EdgefleetError, MessageError, RuntimeLoadError, TrustError
-from edgefleet.shared.runtimes import load_model
+from edgefleet.shared.errors import MessageError, TrustError
 from edgefleet.shared.wire.strict import NAME_RE, VERSION_RE
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 MAX_DESCRIPTION_CHARS = 4096  # what the manifest decoder accepts
 MAX_LABELS = 64  # count, likewise
 _READ_BLOCK = 1024 * 1024  # bytes
+HEALTH_INPUTS_FILE = "health/inputs.npz"  # where a bundle carries its health-check sample inputs
 
 
 def infer_runtime(filename: str) -> str:
@@ -70,6 +77,12 @@ def publish_model(
     description: str = "",
     labels: Mapping[str, str] | None = None,
     trusted_keys: Mapping[str, Ed25519PublicKey] | None = None,
+    filename: str | None = None,
+    min_version: str | None = None,
+    health_inputs: Path | None = None,
+    health_inputs_filename: str | None = None,
+    latency_budget_ms: float | None = None,
+    check_limits: CheckLimits = DEFAULT_LIMITS,
 ) -> ModelVersion:
     """Sign and store a model file as the bundle of ``name`` ``version``.
 
@@ -86,6 +99,13 @@ def publish_model(
         trusted_keys: The keyring's publisher keys; the control plane's own key must be among
             them (after a rotation to CI-held keys it is not, and publishing must go through
             :func:`register_bundle` with a bundle signed elsewhere).
+        filename: The user's name for the model file, the only name errors use (an upload
+            lands in a temp file whose server path must not leak); default ``model_path.name``.
+        min_version: Rollback floor devices enforce once they installed this version.
+        health_inputs: An ``.npz`` of sample inputs for the device's health check.
+        health_inputs_filename: The user's name for that file; default its file name.
+        latency_budget_ms: The health-check inference must finish within this.
+        check_limits: Time and memory bounds of the sandboxed runtime check.
 
     Returns:
         The new row, or the existing one if this exact model was already published under
@@ -93,7 +113,7 @@ def publish_model(
 
     Raises:
         MessageError: Invalid name, version, runtime, description or labels.
-        RuntimeLoadError: The file does not load in its runtime.
+        RuntimeLoadError: The file does not load in its runtime, or crashes it.
         ConflictError: ``name`` ``version`` exists with a different model file or runtime.
     """
     if trusted_keys is not None and keys.publisher.key_id not in trusted_keys:
@@ -109,8 +129,21 @@ def publish_model(
     if existing is not None:
         return existing
 
-    manifest = describe_model(model_path, name, version, runtime, description, labels)
-    files = {manifest.model_file: model_path}
+    manifest = describe_model(
+        model_path,
+        name,
+        version,
+        runtime,
+        description,
+        labels,
+        min_version=min_version,
+        health_inputs=health_inputs,
+        latency_budget_ms=latency_budget_ms,
+        label=filename or model_path.name,
+        health_inputs_label=health_inputs_filename,
+        check_limits=check_limits,
+    )
+    files = {manifest.model_file: model_path, **({HEALTH_INPUTS_FILE: health_inputs} if health_inputs else {})}
     tmp = store.new_temp_path(".bundle")
     try:
         build_bundle(tmp, manifest, files, [keys.publisher])
@@ -244,8 +277,6 @@ def _existing(session: Session, name: str, version: str, runtime: str, model_sha
     )
 
 
-HEALTH_INPUTS_FILE = "health/inputs.npz"
-
 
 def describe_model(
     model_path: Path,
@@ -258,23 +289,29 @@ def describe_model(
     min_version: str | None = None,
     health_inputs: Path | None = None,
     latency_budget_ms: float | None = None,
+    label: str | None = None,
+    health_inputs_label: str | None = None,
+    check_limits: CheckLimits = DEFAULT_LIMITS,
 ) -> Manifest:
-    """Load the model to read its signature and describe it in a manifest (not yet signed).
+    """Check the model (sandboxed) to read its signature and describe it in a manifest (not yet signed).
 
     ``min_version`` sets the rollback floor devices enforce once they installed this bundle;
     ``health_inputs`` (an ``.npz``, one array per input) ships as :data:`HEALTH_INPUTS_FILE` and is
-    what the device's post-activation warm-up runs on, within ``latency_budget_ms``.
+    what the device's post-activation warm-up runs on, within ``latency_budget_ms``. ``label``
+    and ``health_inputs_label`` name the files in errors (default: their file names).
+
+    Raises:
+        RuntimeLoadError: The file is malformed, does not load, or crashes its runtime.
+        MessageError: A version floor above the version or not PEP 440, a latency budget that
+            is not a positive number, or health inputs that do not fit the model's inputs.
     """
-    try:
-        loaded = load_model(runtime, model_path, name=name, version=version)
-    except EdgefleetError:
-        raise
-    except Exception as exc:  # a runtime's own exception types must not leak past this boundary
-        raise RuntimeLoadError(f"model {name!r} version {version!r} does not load in {runtime}: {exc}") from exc
-    try:
-        inputs, outputs = loaded.inputs, loaded.outputs
-    finally:
-        loaded.close()
+    signature = check_model(
+        runtime, model_path, label=label or model_path.name, name=name, version=version, limits=check_limits
+    )
+    inputs, outputs = signature.inputs, signature.outputs
+    _check_release_options(version, min_version, latency_budget_ms)
+    if health_inputs is not None:
+        check_health_inputs(health_inputs, inputs, label=health_inputs_label or health_inputs.name)
     model_file = bundle_model_file(runtime)
     return make_manifest(
         name=name,
@@ -290,6 +327,20 @@ def describe_model(
         health_inputs=HEALTH_INPUTS_FILE if health_inputs else None,
         latency_budget_ms=latency_budget_ms,
     )
+
+
+def _check_release_options(version: str, min_version: str | None, latency_budget_ms: float | None) -> None:
+    if min_version is not None:
+        if not VERSION_RE.match(min_version):
+            raise MessageError(f"min_version {min_version!r:.80} must match {VERSION_RE.pattern}")
+        try:
+            below = Version(version) < Version(min_version)
+        except InvalidVersion as exc:
+            raise MessageError(f"a version floor needs PEP 440 versions: {exc}") from exc
+        if below:
+            raise MessageError(f"version {version} is below its own floor {min_version}")
+    if latency_budget_ms is not None and not (math.isfinite(latency_budget_ms) and latency_budget_ms > 0):
+        raise MessageError(f"latency_budget_ms must be a positive number of milliseconds, got {latency_budget_ms!r}")
 
 
 def _sha256_hex(path: Path) -> str:

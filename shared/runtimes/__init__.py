@@ -2,6 +2,11 @@
 
 :func:`load_model` imports a runtime's backend only when a model of that runtime is loaded, so
 a device needs only the runtimes it actually serves.
+
+Untrusted files are looked at without a runtime first: :mod:`.inspection` reads the signature
+from the file's own format (:mod:`.onnx_inspect` over :mod:`.protobuf`, :mod:`.tflite_inspect`)
+in pure Python, and :mod:`.probe` is the child process that loads a file in its runtime under
+resource limits, so that a file that crashes the runtime takes only that child down.
 """
 
 from __future__ import annotations

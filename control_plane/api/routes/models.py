@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Request, status
@@ -19,7 +21,7 @@ from edgefleet.shared.errors import MessageError
 
 router = APIRouter(prefix="/api/v1", tags=["models"])
 
-_UPLOAD_FIELDS = {"name", "version", "runtime", "description", "labels"}
+_UPLOAD_FIELDS = {"name", "version", "runtime", "description", "labels", "min_version", "latency_budget_ms"}
 _UPLOAD_BODY = {
     "requestBody": {
         "required": True,
@@ -36,6 +38,11 @@ _UPLOAD_BODY = {
                                     "description": "Default: from the file's extension."},
                         "description": {"type": "string"},
                         "labels": {"type": "string", "description": 'A JSON object of strings, e.g. {"team": "cv"}.'},
+                        "min_version": {"type": "string",
+                                        "description": "Devices that install this version refuse versions below this."},
+                        "latency_budget_ms": {"type": "number", "exclusiveMinimum": 0,
+                                              "description": "The device's health-check inference must finish "
+                                                             "within this."},
                     },
                 }
             }
@@ -52,7 +59,7 @@ _UPLOAD_BODY = {
     openapi_extra=_UPLOAD_BODY,
 )
 async def upload_model(request: Request, cp: ControlPlaneDep) -> ModelVersionPublic:
-    """Publish a model file: it is loaded, described, signed into a bundle and stored.
+    """Publish a model file: checked (parsed, then loaded in a sandboxed child), described, signed and stored.
 
     Publishing the same bytes under the same name and version again returns the existing
     version (201 as well); different bytes under an existing name and version is a 409.
@@ -73,17 +80,32 @@ async def upload_model(request: Request, cp: ControlPlaneDep) -> ModelVersionPub
             if not fields.get(required):
                 raise MessageError(f"the form field {required!r} is required")
         runtime = fields.get("runtime") or infer_runtime(upload.filename)
-        labels = _parse_labels(fields.get("labels", ""))
-        # Loading and signing the model is blocking work: off the event loop.
-        return await run_in_threadpool(
-            _publish, cp, tmp, fields["name"], fields["version"], runtime, fields.get("description", ""), labels
+        options = _PublishOptions(
+            filename=upload.filename,
+            description=fields.get("description", ""),
+            labels=_parse_labels(fields.get("labels", "")),
+            min_version=fields.get("min_version") or None,
+            latency_budget_ms=_parse_budget(fields.get("latency_budget_ms", "")),
         )
+        # Checking and signing the model is blocking work: off the event loop.
+        return await run_in_threadpool(_publish, cp, tmp, fields["name"], fields["version"], runtime, options)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True, kw_only=True)
+class _PublishOptions:
+    """The upload form's optional fields, parsed."""
+
+    filename: str
+    description: str
+    labels: dict[str, str]
+    min_version: str | None
+    latency_budget_ms: float | None
+
+
 def _publish(
-    cp: ControlPlane, path: Path, name: str, version: str, runtime: str, description: str, labels: dict[str, str]
+    cp: ControlPlane, path: Path, name: str, version: str, runtime: str, options: _PublishOptions
 ) -> ModelVersionPublic:
     with Session(cp.engine) as session:
         row = publish_model(
@@ -94,9 +116,12 @@ def _publish(
             name=name,
             version=version,
             runtime=runtime,
-            description=description,
-            labels=labels,
+            description=options.description,
+            labels=options.labels,
             trusted_keys=cp.keyring.publisher_keys(),
+            filename=options.filename,
+            min_version=options.min_version,
+            latency_budget_ms=options.latency_budget_ms,
         )
         return model_version_public(row)
 
@@ -111,6 +136,18 @@ def list_models(session: SessionDep, name: str | None = None) -> list[ModelVersi
 def get_model(name: str, version: str, session: SessionDep) -> ModelVersionPublic:
     """One published model version."""
     return model_version_public(get_model_version(session, name, version))
+
+
+def _parse_budget(text: str) -> float | None:
+    if not text:
+        return None
+    try:
+        budget = float(text)
+    except ValueError:
+        raise MessageError(f"latency_budget_ms must be a number of milliseconds, got {text!r:.40}") from None
+    if not (math.isfinite(budget) and budget > 0):
+        raise MessageError(f"latency_budget_ms must be a positive number of milliseconds, got {text!r:.40}")
+    return budget
 
 
 def _parse_labels(text: str) -> dict[str, str]:
