@@ -26,9 +26,10 @@ from edgefleet.control_plane.errors import ConflictError
 from edgefleet.control_plane.services.keys import ControlPlaneKeys
 from edgefleet.shared.bundle.format import build_bundle, make_manifest, sha256_file, verify_bundle
 from edgefleet.shared.bundle.manifest import MODEL_EXTENSIONS, RUNTIMES, Manifest
+from edgefleet.shared.bundle.versions import check_version
 from edgefleet.shared.errors import EdgefleetError, MessageError, RuntimeLoadError, TrustError
 from edgefleet.shared.runtimes import load_model
-from edgefleet.shared.wire.strict import NAME_RE, VERSION_RE
+from edgefleet.shared.wire.strict import NAME_RE
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +214,7 @@ def _check_inputs(
 ) -> str:
     if not NAME_RE.match(name):
         raise MessageError(f"model name {name!r:.80} must match {NAME_RE.pattern}")
-    if not VERSION_RE.match(version):
-        raise MessageError(f"version {version!r:.80} must match {VERSION_RE.pattern}")
+    check_version(version)
     if runtime is None:
         runtime = infer_runtime(model_path.name)
     elif runtime not in RUNTIMES:

@@ -11,11 +11,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgefleet.shared.bundle.versions import check_version
 from edgefleet.shared.errors import MessageError, NotFoundError
 from edgefleet.shared.tensors import TensorSpec
 from edgefleet.shared.wire.strict import (
     NAME_RE,
-    VERSION_RE,
     check_keys,
     check_schema,
     dumps,
@@ -185,7 +185,7 @@ class Manifest:
             raise MessageError("manifest.drift_reference: expected an object or null")
         return cls(
             name=get_str(raw, "name", "manifest", pattern=NAME_RE),
-            version=get_str(raw, "version", "manifest", pattern=VERSION_RE),
+            version=check_version(get_str(raw, "version", "manifest"), "manifest.version"),
             runtime=runtime,
             model_file=model_file,
             files=files,
@@ -196,7 +196,11 @@ class Manifest:
             description=get_str(raw, "description", "manifest", max_len=4096) if "description" in raw else "",
             labels=get_str_map(raw, "labels", "manifest") if "labels" in raw else {},
             drift_reference=drift,
-            min_version=get_str(raw, "min_version", "manifest", pattern=VERSION_RE) if "min_version" in raw else None,
+            min_version=(
+                check_version(get_str(raw, "min_version", "manifest"), "manifest.min_version")
+                if "min_version" in raw
+                else None
+            ),
             health_inputs=health_inputs,
             latency_budget_ms=budget,
         )
