@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgefleet.shared.bundle import ustar
 from edgefleet.shared.bundle.versions import check_version
 from edgefleet.shared.errors import MessageError, NotFoundError
 from edgefleet.shared.tensors import TensorSpec
@@ -31,6 +32,7 @@ MANIFEST_PAYLOAD_TYPE = "application/vnd.edgefleet.manifest+json"
 RUNTIMES = ("onnx", "tflite")
 MODEL_EXTENSIONS = {".onnx": "onnx", ".tflite": "tflite"}
 MAX_MANIFEST_BYTES = 512 * 1024  # bytes
+BUNDLE_FILES_PREFIX = "files/"  # where a listed file lives in the bundle archive
 MAX_FILES = 256  # count
 MAX_TENSORS = 64  # count
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
@@ -55,10 +57,13 @@ class FileEntry:
         check_keys(raw, "manifest.files[]", {"path", "sha256", "size"})
         # The path pattern alone rules out "..", absolute paths, backslashes and empty segments.
         path = get_str(raw, "path", "manifest.files[]", pattern=_PATH)
+        # Every listed file must fit a plain ustar header, the only kind a bundle may carry.
+        if ustar.split_name(BUNDLE_FILES_PREFIX + path) is None:
+            raise MessageError(f"manifest.files[]: path {path!r:.80} is too long for a bundle member name")
         return cls(
             path=path,
             sha256=get_str(raw, "sha256", f"manifest.files[{path}]", pattern=_HEX64),
-            size=get_int(raw, "size", f"manifest.files[{path}]"),
+            size=get_int(raw, "size", f"manifest.files[{path}]", maximum=ustar.MAX_SIZE),
         )
 
 
