@@ -7,9 +7,8 @@ from __future__ import annotations
 import platform
 from functools import cache
 
-from packaging.version import InvalidVersion, Version
-
 from edgefleet.shared.bundle.manifest import Manifest
+from edgefleet.shared.bundle.versions import is_older
 from edgefleet.shared.errors import DowngradeError, IncompatibleBundleError
 from edgefleet.shared.wire.messages import ModelDirective
 
@@ -36,7 +35,8 @@ def check_installable(
     Raises:
         IncompatibleBundleError: Name, version or runtime differ from the directive, or the
             architecture or accelerator is not available here.
-        DowngradeError: ``manifest.version`` is below ``floor`` (set by an installed manifest).
+        DowngradeError: ``manifest.version`` is below ``floor`` (set by an installed manifest), or
+            the two cannot be compared (fail closed).
     """
     if (manifest.name, manifest.version, manifest.runtime) != (directive.name, directive.version, directive.runtime):
         raise IncompatibleBundleError(
@@ -51,28 +51,23 @@ def check_installable(
         raise IncompatibleBundleError(
             f"bundle needs one of the accelerators {list(wanted)}, this device has {sorted(accelerators) or 'none'}"
         )
-    if floor is not None and _older(manifest.version, floor):
+    if floor is not None and is_older(manifest.version, floor):
         raise DowngradeError(
             f"{manifest.name} {manifest.version} is below the version floor {floor} set by an installed release"
         )
 
 
 def raised_floor(floor: str | None, manifest: Manifest) -> str | None:
-    """The floor after installing ``manifest``: floors only go up."""
+    """The floor after installing ``manifest``: floors only go up.
+
+    Raises:
+        DowngradeError: The floor and the manifest's ``min_version`` cannot be compared.
+    """
     if manifest.min_version is None:
         return floor
-    if floor is None or _older(floor, manifest.min_version):
+    if floor is None or is_older(floor, manifest.min_version):
         return manifest.min_version
     return floor
-
-
-def _older(a: str, b: str) -> bool:
-    """``a < b`` as PEP 440 versions; versions that do not parse compare as not older (and are
-    then refused by publishers setting floors: ``edgefleet models push`` checks floors parse)."""
-    try:
-        return Version(a) < Version(b)
-    except InvalidVersion:
-        return False
 
 
 def preferred_providers(

@@ -16,11 +16,13 @@ attempt asks for ``bytes=<first missing>-<end of that run of missing chunks>``, 
 - a ``206`` whose ``Content-Range`` does not match what was asked, or a body that runs past the
   bundle's size, ends that source before anything wrong is written.
 
-The complete file must hash to the digest from the signed desired state, or it is deleted and
-:class:`~shared.errors.BundleIntegrityError` is raised; a bundle over ``max_bundle_bytes`` is
-refused before any request. httpx errors become :class:`~shared.errors.TransferError` (retryable).
-Attempts that gain no byte count towards ``http_max_retries``; attempts that make progress reset
-the count, so a slow but moving download is never given up.
+The complete file must hash to the digest from the signed desired state, or it is deleted and a
+retryable :class:`~shared.errors.TransferError` is raised (the bytes were wrong on the way, not the
+bundle: the reconciler falls back to MQTT, and later tries again from clean); a bundle over
+``max_bundle_bytes`` is refused before any request with :class:`~shared.errors.BundleIntegrityError`.
+httpx errors become :class:`~shared.errors.TransferError` (retryable). Attempts that gain no byte
+count towards ``http_max_retries``; attempts that make progress reset the count, so a slow but
+moving download is never given up.
 """
 
 from __future__ import annotations
@@ -109,9 +111,9 @@ class HttpFetcher:
             The path of the complete, digest-checked bundle.
 
         Raises:
-            TransferError: No source delivered it (retryable; the progress is kept).
-            BundleIntegrityError: The bytes do not hash to ``digest`` (the progress is deleted), or
-                ``size`` is over ``max_bundle_bytes``.
+            TransferError: No source delivered it (retryable; the progress is kept), or the bytes
+                do not hash to ``digest`` (retryable; the progress is deleted).
+            BundleIntegrityError: ``size`` is over ``max_bundle_bytes``.
             Cancelled: ``cancel`` was set.
         """
         final = bundle_path(self._dir, digest)

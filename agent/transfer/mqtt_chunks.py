@@ -10,7 +10,10 @@ or the other way round):
 
 After a restart the ``.have`` file says which chunks are already on disk, so a transfer never starts
 over from zero. Once every chunk is in, the whole file's sha256 must equal the digest from the
-signed desired state; only then is it renamed to ``<hex>.bundle``.
+signed desired state; only then is it renamed to ``<hex>.bundle``. A chunk's own hash is computed
+by whoever sends it, so it catches corruption, not forgery: bytes that do not hash to the signed
+digest are a failed *transfer* (retryable, downloaded again from clean), never a bad bundle that
+would end the rollout.
 
 Over MQTT the agent asks for chunks by index, keeping at most ``window_chunks`` outstanding and
 asking for more when half the window is free. Chunks arrive on paho's network thread
@@ -160,7 +163,8 @@ class PartialDownload:
         """Check the complete file against the digest and move it to ``final``.
 
         Raises:
-            BundleIntegrityError: The bytes do not hash to the digest (the progress is deleted).
+            TransferError: The bytes do not hash to the digest: corrupted or forged on the way, so
+                the progress is deleted and the retry (the error is retryable) starts clean.
         """
         if not self.complete:
             raise TransferError(f"{self.digest}: {self.total - len(self.have)} chunks still missing")
@@ -169,7 +173,10 @@ class PartialDownload:
         if sha256_file(self.partial) != self.digest:
             # A wrong byte somewhere that chunk hashes (if any) did not catch: start clean next time.
             self.discard()
-            raise BundleIntegrityError(f"downloaded bundle does not hash to {self.digest}")
+            raise TransferError(
+                f"downloaded bundle does not hash to {self.digest}: corrupted or forged in transit, discarded; "
+                "the next attempt downloads it again"
+            )
         os.replace(self.partial, final)
         self.have_path.unlink(missing_ok=True)
         fsync_dir(final.parent)
@@ -234,9 +241,9 @@ class ChunkFetcher:
         """Download the bundle ``digest`` of ``size`` bytes; return the path of the complete file.
 
         Raises:
-            TransferError: Chunks stopped coming after repeated requests (retryable).
-            BundleIntegrityError: The assembled file does not hash to ``digest``, or ``size`` is over
-                ``max_bundle_bytes``.
+            TransferError: Chunks stopped coming after repeated requests, or the assembled file does
+                not hash to ``digest`` (both retryable; in the second case the progress is deleted).
+            BundleIntegrityError: ``size`` is over ``max_bundle_bytes``.
             Cancelled: ``cancel`` was set (a newer desired state arrived).
         """
         final = self.bundle_path(digest)

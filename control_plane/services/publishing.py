@@ -33,8 +33,9 @@ from edgefleet.control_plane.services.keys import ControlPlaneKeys
 from edgefleet.control_plane.services.model_check import DEFAULT_LIMITS, CheckLimits, check_model
 from edgefleet.shared.bundle.format import build_bundle, make_manifest, sha256_file, verify_bundle
 from edgefleet.shared.bundle.manifest import MODEL_EXTENSIONS, RUNTIMES, Manifest
+from edgefleet.shared.bundle.versions import check_version
 from edgefleet.shared.errors import MessageError, TrustError
-from edgefleet.shared.wire.strict import NAME_RE, VERSION_RE
+from edgefleet.shared.wire.strict import NAME_RE
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +247,7 @@ def _check_inputs(
 ) -> str:
     if not NAME_RE.match(name):
         raise MessageError(f"model name {name!r:.80} must match {NAME_RE.pattern}")
-    if not VERSION_RE.match(version):
-        raise MessageError(f"version {version!r:.80} must match {VERSION_RE.pattern}")
+    check_version(version)
     if runtime is None:
         runtime = infer_runtime(model_path.name)
     elif runtime not in RUNTIMES:
@@ -331,8 +331,7 @@ def describe_model(
 
 def _check_release_options(version: str, min_version: str | None, latency_budget_ms: float | None) -> None:
     if min_version is not None:
-        if not VERSION_RE.match(min_version):
-            raise MessageError(f"min_version {min_version!r:.80} must match {VERSION_RE.pattern}")
+        check_version(min_version, "min_version")
         try:
             below = Version(version) < Version(min_version)
         except InvalidVersion as exc:

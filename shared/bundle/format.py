@@ -8,12 +8,14 @@ Layout (member order is part of the format)::
 Uncompressed because model weights do not compress (zstd gets 1.07x on fp32) and a plain tar
 can be verified while streaming. A bundle is addressed by the sha256 of its bytes.
 
-Verification (:func:`verify_bundle`) reads the archive once, as a stream, and never writes:
-it checks the envelope's signatures, then that the members are exactly the listed files, as
-regular files with safe names and modes, of the listed sizes and hashes, within
-:class:`BundleLimits`. Extraction (:func:`extract_bundle`) writes our own files from the member
-bytes (never ``tarfile.extract``) and re-hashes while writing, so a bundle swapped on disk
-between the two passes is still caught.
+The tar is the plain ustar subset :mod:`edgefleet.shared.bundle.ustar` reads and writes; tarfile
+never sees bundle bytes. Verification (:func:`verify_bundle`) reads the archive once, as a
+stream, and never writes: it checks the envelope's signatures before it reads a second header,
+then that the members are exactly the listed files, as regular files with safe names and modes,
+of the listed sizes and hashes, within :class:`BundleLimits`. Extraction (:func:`extract_bundle`)
+writes our own files from the member bytes and re-hashes while writing, so a bundle swapped on
+disk between the two passes is still caught. Whatever else untrusted bytes make go wrong while a
+bundle is read is an :class:`UnsafeArchiveError` too: a refusal with a code, never a crash.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import hashlib
 import io
 import os
 import shutil
-import tarfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,20 +32,29 @@ from typing import IO, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edgefleet.shared.bundle import ustar
 from edgefleet.shared.bundle.manifest import (
+    BUNDLE_FILES_PREFIX,
     MANIFEST_PAYLOAD_TYPE,
     MAX_MANIFEST_BYTES,
     Compatibility,
     FileEntry,
     Manifest,
 )
-from edgefleet.shared.errors import BundleIntegrityError, ConflictError, MessageError, UnsafeArchiveError
+from edgefleet.shared.errors import (
+    BundleError,
+    BundleIntegrityError,
+    ConflictError,
+    EdgefleetError,
+    MessageError,
+    UnsafeArchiveError,
+)
 from edgefleet.shared.files import fsync_dir
 from edgefleet.shared.tensors import TensorSpec
 from edgefleet.shared.trust.signing import SigningKey, open_envelope, seal_envelope
 
 ENVELOPE_MEMBER = "manifest.dsse.json"
-FILES_PREFIX = "files/"
+FILES_PREFIX = BUNDLE_FILES_PREFIX
 _READ_BLOCK = 1024 * 1024  # bytes
 
 
@@ -117,11 +127,24 @@ def make_manifest(
 def write_bundle(out: IO[bytes], manifest: Manifest, files: Mapping[str, Path], keys: Iterable[SigningKey]) -> None:
     """Write a signed bundle to ``out``: the envelope, then each listed file."""
     envelope = seal_envelope(MANIFEST_PAYLOAD_TYPE, manifest.encode(), keys)
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        tar.addfile(_member(ENVELOPE_MEMBER, len(envelope)), io.BytesIO(envelope))
-        for entry in manifest.files:
-            with files[entry.path].open("rb") as f:
-                tar.addfile(_member(FILES_PREFIX + entry.path, entry.size), f)
+    written = _write_member(out, ENVELOPE_MEMBER, len(envelope), io.BytesIO(envelope))
+    for entry in manifest.files:
+        with files[entry.path].open("rb") as f:
+            written += _write_member(out, FILES_PREFIX + entry.path, entry.size, f)
+    out.write(ustar.end_of_archive(written))
+
+
+def _write_member(out: IO[bytes], name: str, size: int, source: IO[bytes]) -> int:
+    """Write one member (header, bytes, padding); return the bytes written."""
+    out.write(ustar.header(name, size))
+    copied = 0
+    while block := source.read(min(_READ_BLOCK, size - copied)):
+        out.write(block)
+        copied += len(block)
+    if copied != size:
+        raise ConflictError(f"{name}: the file changed while the bundle was written ({copied} of {size} bytes)")
+    out.write(ustar.padding(size))
+    return ustar.BLOCK + size + len(ustar.padding(size))
 
 
 def build_bundle(path: Path, manifest: Manifest, files: Mapping[str, Path], keys: Iterable[SigningKey]) -> str:
@@ -135,69 +158,63 @@ def build_bundle(path: Path, manifest: Manifest, files: Mapping[str, Path], keys
     return sha256_file(path)
 
 
-def _member(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mode = 0o644
-    info.mtime = 0  # reproducible bundles: same inputs, same digest
-    info.uname = info.gname = ""
-    return info
+class _Archive:
+    """The members of a bundle file, in order, each checked for what does not need the manifest."""
 
+    def __init__(self, stream: IO[bytes], limits: BundleLimits) -> None:
+        self._stream = stream
+        self._limits = limits
+        self._count = 0
+        self._open: ustar.MemberReader | None = None
 
-def _members(tar: tarfile.TarFile, limits: BundleLimits) -> Iterator[tarfile.TarInfo]:
-    """Yield members after checking the properties that do not depend on the manifest."""
-    count = 0
-    while True:
-        try:
-            member = tar.next()
-        except tarfile.TarError as exc:
-            raise UnsafeArchiveError(f"bundle is not a valid tar archive: {exc}") from exc
-        if member is None:
-            return
-        count += 1
-        if count > limits.max_members:
-            raise UnsafeArchiveError(f"bundle has more than {limits.max_members} members")
-        if not member.isreg():
-            kind = "link" if member.issym() or member.islnk() else "non-regular file"
-            raise UnsafeArchiveError(f"bundle member {member.name!r:.120} is a {kind}; only regular files are allowed")
+    def next(self) -> tuple[ustar.Header, ustar.MemberReader] | None:
+        """The next member and its reader (the previous one is skipped to its end), or None."""
+        if self._open is not None:
+            self._open.finish()
+        found = ustar.next_member(self._stream)
+        if found is None:
+            return None
+        member, reader = found
+        self._count += 1
+        if self._count > self._limits.max_members:
+            raise UnsafeArchiveError(f"bundle has more than {self._limits.max_members} members")
+        if member.name.startswith("/") or any(part in ("", ".", "..") for part in member.name.split("/")):
+            raise UnsafeArchiveError(f"bundle member {member.name!r:.120} has an unsafe path")
         if member.mode & 0o7000:
             raise UnsafeArchiveError(f"bundle member {member.name!r:.120} has setuid/setgid/sticky bits")
-        if member.size > limits.max_file_bytes:
+        if member.size > self._limits.max_file_bytes:
             raise UnsafeArchiveError(f"bundle member {member.name!r:.120} is {member.size} bytes, over the limit")
-        yield member
+        self._open = reader
+        return member, reader
+
+    def members(self) -> Iterator[tuple[ustar.Header, ustar.MemberReader]]:
+        while (found := self.next()) is not None:
+            yield found
 
 
-def _read_exact(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    f = tar.extractfile(member)
-    assert f is not None  # regular files always have a reader
-    return f.read()
-
-
-def _open_tar(path: Path, limits: BundleLimits) -> tarfile.TarFile:
+def _open_archive(path: Path, limits: BundleLimits) -> IO[bytes]:
     size = path.stat().st_size
     if size > limits.max_bundle_bytes:
         raise UnsafeArchiveError(f"bundle is {size} bytes, over the {limits.max_bundle_bytes}-byte limit")
-    try:
-        # "r|" = strictly sequential: no seeking, no member index kept in memory.
-        return tarfile.open(path, mode="r|")
-    except tarfile.TarError as exc:
-        raise UnsafeArchiveError(f"bundle is not a valid tar archive: {exc}") from exc
+    return path.open("rb")
 
 
 def _read_manifest(
-    tar: tarfile.TarFile,
-    members: Iterator[tarfile.TarInfo],
+    archive: _Archive,
     trusted_keys: Mapping[str, Ed25519PublicKey],
     threshold: int,
 ) -> Manifest:
-    first = next(members, None)
-    if first is None or first.name != ENVELOPE_MEMBER:
+    # The envelope is the first member and is checked before any other header is read.
+    first = archive.next()
+    if first is None or first[0].name != ENVELOPE_MEMBER:
         raise BundleIntegrityError(f"bundle must start with {ENVELOPE_MEMBER}")
-    if first.size > MAX_MANIFEST_BYTES * 2:
-        raise UnsafeArchiveError(f"{ENVELOPE_MEMBER} is {first.size} bytes, over the limit")
+    member, reader = first
+    if member.size > MAX_MANIFEST_BYTES * 2:
+        raise UnsafeArchiveError(f"{ENVELOPE_MEMBER} is {member.size} bytes, over the limit")
     try:
         payload = open_envelope(
-            _read_exact(tar, first), payload_type=MANIFEST_PAYLOAD_TYPE, trusted_keys=trusted_keys, threshold=threshold
+            reader.read(member.size), payload_type=MANIFEST_PAYLOAD_TYPE, trusted_keys=trusted_keys,
+            threshold=threshold,
         )
     except MessageError as exc:  # a malformed envelope is a bad bundle to every caller of this module
         raise BundleIntegrityError(f"{ENVELOPE_MEMBER} is not a DSSE envelope: {exc}") from exc
@@ -207,13 +224,11 @@ def _read_manifest(
         raise BundleIntegrityError(f"signed manifest is invalid: {exc}") from exc
 
 
-def _file_members(
-    tar: tarfile.TarFile, members: Iterator[tarfile.TarInfo], manifest: Manifest
-) -> Iterator[tuple[FileEntry, IO[bytes]]]:
+def _file_members(archive: _Archive, manifest: Manifest) -> Iterator[tuple[FileEntry, ustar.MemberReader]]:
     """Match each remaining member to its manifest entry, in order, and hand out its reader."""
     expected = {e.path: e for e in manifest.files}
     seen: set[str] = set()
-    for member in members:
+    for member, reader in archive.members():
         if not member.name.startswith(FILES_PREFIX):
             raise BundleIntegrityError(f"unexpected bundle member {member.name!r:.120}")
         rel = member.name[len(FILES_PREFIX) :]
@@ -225,15 +240,13 @@ def _file_members(
         if member.size != entry.size:
             raise BundleIntegrityError(f"{rel}: {member.size} bytes, the manifest says {entry.size}")
         seen.add(rel)
-        reader = tar.extractfile(member)
-        assert reader is not None
         yield entry, reader
     missing = expected.keys() - seen
     if missing:
         raise BundleIntegrityError(f"bundle lacks file(s) listed in the manifest: {sorted(missing)}")
 
 
-def _copy_hashed(reader: IO[bytes], entry: FileEntry, sink: IO[bytes] | None) -> None:
+def _copy_hashed(reader: ustar.MemberReader, entry: FileEntry, sink: IO[bytes] | None) -> None:
     h = hashlib.sha256()
     size = 0
     while block := reader.read(_READ_BLOCK):
@@ -245,6 +258,11 @@ def _copy_hashed(reader: IO[bytes], entry: FileEntry, sink: IO[bytes] | None) ->
             sink.write(block)
     if size != entry.size or h.hexdigest() != entry.sha256:
         raise BundleIntegrityError(f"{entry.path}: content does not match the sha256 in the signed manifest")
+
+
+def _as_bundle_error(exc: Exception) -> BundleError:
+    """A failure this module did not foresee, as a refusal with a code rather than a dead worker."""
+    return UnsafeArchiveError(f"bundle could not be read: {type(exc).__name__}: {exc}"[:500])
 
 
 def verify_bundle(
@@ -261,16 +279,20 @@ def verify_bundle(
             wrong payload type.
         BundleIntegrityError: A malformed manifest or envelope; files missing, extra, or not
             matching the manifest.
-        UnsafeArchiveError: Links, special files, odd modes, or sizes past ``limits``.
+        UnsafeArchiveError: Not the plain ustar the writer writes (extended headers, links,
+            special files), unsafe paths, odd modes, sizes past ``limits``, or anything else the
+            bytes make go wrong.
     """
     try:
-        with _open_tar(path, limits) as tar:
-            members = _members(tar, limits)
-            manifest = _read_manifest(tar, members, trusted_keys, threshold)
-            for entry, reader in _file_members(tar, members, manifest):
+        with _open_archive(path, limits) as stream:
+            archive = _Archive(stream, limits)
+            manifest = _read_manifest(archive, trusted_keys, threshold)
+            for entry, reader in _file_members(archive, manifest):
                 _copy_hashed(reader, entry, None)
-    except tarfile.TarError as exc:  # e.g. a member cut short
-        raise UnsafeArchiveError(f"bundle is not a valid tar archive: {exc}") from exc
+    except (EdgefleetError, OSError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: whatever else they cause is a refusal
+        raise _as_bundle_error(exc) from exc
     return manifest
 
 
@@ -298,10 +320,10 @@ def extract_bundle(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        with _open_tar(path, limits) as tar:
-            members = _members(tar, limits)
-            manifest = _read_manifest(tar, members, trusted_keys, threshold)
-            for entry, reader in _file_members(tar, members, manifest):
+        with _open_archive(path, limits) as stream:
+            archive = _Archive(stream, limits)
+            manifest = _read_manifest(archive, trusted_keys, threshold)
+            for entry, reader in _file_members(archive, manifest):
                 target = tmp.joinpath(*entry.path.split("/"))
                 # Manifest paths are validated, but check containment anyway: defence in depth.
                 if not target.resolve().is_relative_to(tmp.resolve()):
@@ -313,9 +335,12 @@ def extract_bundle(
                     os.fsync(sink.fileno())
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
-    except tarfile.TarError as exc:
+    except (EdgefleetError, OSError):
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UnsafeArchiveError(f"bundle is not a valid tar archive: {exc}") from exc
+        raise
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: whatever else they cause is a refusal
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _as_bundle_error(exc) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

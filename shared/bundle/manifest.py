@@ -11,11 +11,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgefleet.shared.bundle import ustar
+from edgefleet.shared.bundle.versions import check_version
 from edgefleet.shared.errors import MessageError, NotFoundError
 from edgefleet.shared.tensors import TensorSpec
 from edgefleet.shared.wire.strict import (
     NAME_RE,
-    VERSION_RE,
     check_keys,
     check_schema,
     dumps,
@@ -31,6 +32,7 @@ MANIFEST_PAYLOAD_TYPE = "application/vnd.edgefleet.manifest+json"
 RUNTIMES = ("onnx", "tflite")
 MODEL_EXTENSIONS = {".onnx": "onnx", ".tflite": "tflite"}
 MAX_MANIFEST_BYTES = 512 * 1024  # bytes
+BUNDLE_FILES_PREFIX = "files/"  # where a listed file lives in the bundle archive
 MAX_FILES = 256  # count
 MAX_TENSORS = 64  # count
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
@@ -55,10 +57,13 @@ class FileEntry:
         check_keys(raw, "manifest.files[]", {"path", "sha256", "size"})
         # The path pattern alone rules out "..", absolute paths, backslashes and empty segments.
         path = get_str(raw, "path", "manifest.files[]", pattern=_PATH)
+        # Every listed file must fit a plain ustar header, the only kind a bundle may carry.
+        if ustar.split_name(BUNDLE_FILES_PREFIX + path) is None:
+            raise MessageError(f"manifest.files[]: path {path!r:.80} is too long for a bundle member name")
         return cls(
             path=path,
             sha256=get_str(raw, "sha256", f"manifest.files[{path}]", pattern=_HEX64),
-            size=get_int(raw, "size", f"manifest.files[{path}]"),
+            size=get_int(raw, "size", f"manifest.files[{path}]", maximum=ustar.MAX_SIZE),
         )
 
 
@@ -185,7 +190,7 @@ class Manifest:
             raise MessageError("manifest.drift_reference: expected an object or null")
         return cls(
             name=get_str(raw, "name", "manifest", pattern=NAME_RE),
-            version=get_str(raw, "version", "manifest", pattern=VERSION_RE),
+            version=check_version(get_str(raw, "version", "manifest"), "manifest.version"),
             runtime=runtime,
             model_file=model_file,
             files=files,
@@ -196,7 +201,11 @@ class Manifest:
             description=get_str(raw, "description", "manifest", max_len=4096) if "description" in raw else "",
             labels=get_str_map(raw, "labels", "manifest") if "labels" in raw else {},
             drift_reference=drift,
-            min_version=get_str(raw, "min_version", "manifest", pattern=VERSION_RE) if "min_version" in raw else None,
+            min_version=(
+                check_version(get_str(raw, "min_version", "manifest"), "manifest.min_version")
+                if "min_version" in raw
+                else None
+            ),
             health_inputs=health_inputs,
             latency_budget_ms=budget,
         )

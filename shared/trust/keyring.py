@@ -123,6 +123,14 @@ class Keyring:
             raise KeyringExpiredError(f"keyring v{new.version} expired at {new.expires.isoformat()}")
         return new
 
+    def root_signed(self, other: Keyring) -> bool:
+        """Whether a threshold of this version's root keys signed ``other`` (any version)."""
+        try:
+            self.root.verify_delegate(ROOT, other.metadata.signed_bytes, other.metadata.signatures)
+        except RepositoryError:
+            return False
+        return True
+
     def check_not_expired(self, now: datetime) -> None:
         """Raise :class:`KeyringExpiredError` if this version is past its expiry."""
         if self.root.is_expired(now):
@@ -140,9 +148,10 @@ def parse_keyring(data: bytes) -> Keyring:
     if not isinstance(metadata.signed, Root):
         raise MessageError(f"keyring: expected root metadata, got {metadata.signed.type!r}")
     # TUF checks the roles but not that each names keys it lists, nor the key bytes: checked here,
-    # so that a verified keyring's keys_for() cannot fail later.
-    for role in (ROOT, PUBLISHER, ONLINE):
-        for tuf_keyid in metadata.signed.roles[role].keyids:
+    # for every role (snapshot too, though unused), so that a verified keyring's keys_for() cannot
+    # fail later and a malformed keyring is a message error, never a KeyError.
+    for role, role_meta in metadata.signed.roles.items():
+        for tuf_keyid in role_meta.keyids:
             key = metadata.signed.keys.get(tuf_keyid)
             if key is None:
                 raise MessageError(f"keyring: role {role} names key {tuf_keyid!r:.80}, which it does not list")

@@ -12,8 +12,10 @@ each with one binary message on ``chunks/data``::
     52     32    sha256 of this chunk's data
     84     ...   data: chunk_size bytes, fewer for the last chunk
 
-Each chunk is hashed so a corrupted chunk is refused alone and asked for again; the bundle's
-own digest, from the signed desired state, is checked once all chunks are in. When the control
+Each chunk is hashed so a corrupted chunk is refused alone and asked for again. The sender computes
+that hash, so it proves nothing against forgery: the bundle's own digest, from the signed desired
+state, is checked once all chunks are in, and a mismatch is a failed transfer that is retried from
+a clean download (agent.transfer.mqtt_chunks). When the control
 plane cannot serve a request it answers with a JSON :class:`ChunkError` instead.
 """
 

@@ -82,3 +82,14 @@ def test_provider_preference_config_wins_then_the_bundles_accelerators() -> None
     assert preferred_providers(("cuda",), ("OpenVINOExecutionProvider",)) == ("OpenVINOExecutionProvider",)
     assert preferred_providers((), None) is None  # automatic: best the node has
     assert preferred_providers(("unknown-npu",), None) is None
+
+
+def test_a_version_that_does_not_parse_is_not_let_in_under_a_floor() -> None:
+    # "legacy" is no PEP 440 version: the comparison is undefined, and an undefined answer refuses.
+    legacy = replace(MANIFEST, version="legacy")
+    with pytest.raises(DowngradeError, match="cannot be compared"):
+        check(legacy, replace_struct(DIRECTIVE, version="legacy"), floor="2.0.0")
+    with pytest.raises(DowngradeError, match="cannot be compared"):
+        check(MANIFEST, floor="legacy")  # a floor stored before the grammar was enforced
+    with pytest.raises(DowngradeError, match="cannot be compared"):
+        raised_floor("legacy", replace(MANIFEST, min_version="1.5"))

@@ -231,8 +231,9 @@ def test_a_wrong_digest_deletes_everything_and_raises(server, downloads: Path) -
     _, base = server
     wrong = "sha256:" + hashlib.sha256(b"another bundle").hexdigest()
 
-    with pytest.raises(BundleIntegrityError, match=f"does not hash to {wrong}"):
+    with pytest.raises(TransferError, match=f"does not hash to {wrong}") as info:
         HttpFetcher(downloads, CONFIG).fetch(wrong, len(BLOB), [f"{base}/blob"], threading.Event())
+    assert info.value.retryable
     assert list(downloads.iterdir()) == []
 
 

@@ -243,8 +243,9 @@ def test_a_bundle_that_does_not_hash_to_its_digest_is_removed(downloads: Path) -
     wrong = "sha256:" + hashlib.sha256(b"something else").hexdigest()
     liar = FakeControlPlane(BLOB, digest=wrong)  # every chunk is self-consistent; the whole is not
 
-    with pytest.raises(BundleIntegrityError, match=f"does not hash to {wrong}"):
+    with pytest.raises(TransferError, match=f"does not hash to {wrong}") as info:
         fetch(liar.attach(downloads), digest=wrong)
+    assert info.value.retryable  # wrong bytes on the way are a failed transfer, not a bad bundle
     assert list(downloads.iterdir()) == []  # no .partial, no .have, no .bundle
 
 

@@ -353,13 +353,13 @@ UNSAFE: dict[str, tuple[Callable[[], list[Member]], type[BundleError], str]] = {
     ),
     "dot-dot": (
         lambda: [*file_members(), reg("files/../../escaped.txt", b"pwned")],
-        BundleIntegrityError,
-        r"'\.\./\.\./escaped\.txt' is not listed",
+        UnsafeArchiveError,
+        r"'files/\.\./\.\./escaped\.txt' has an unsafe path",
     ),
     "absolute": (
         lambda: [*file_members(), reg("/tmp/escaped.txt", b"pwned")],
-        BundleIntegrityError,
-        r"unexpected bundle member '/tmp/escaped\.txt'",
+        UnsafeArchiveError,
+        r"'/tmp/escaped\.txt' has an unsafe path",
     ),
     "outside-files-dir": (
         lambda: [*file_members(), reg("escaped.txt", b"pwned")],
