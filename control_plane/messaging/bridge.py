@@ -12,6 +12,10 @@
   to the *ingest* worker, in arrival order (the order of a device's status and reported messages
   matters). The ingest worker takes whatever has queued up, up to ``BridgeLimits.batch_max_count`` messages,
   and hands it to the batch handler as one unit (one database transaction per batch).
+- Every connection after the first is announced to the :meth:`MqttBridge.on_reconnected`
+  listeners, off the network thread: a broker that was restarted may have lost retained
+  messages (Mosquitto saves them every few seconds; a SIGKILL loses the rest), so the control
+  plane publishes its retained state again.
 - Both queues are bounded: when one is full, the network thread waits, the broker's in-flight
   window fills, and the broker holds further messages (backpressure, not loss).
 - Garbage on a subscribed topic is logged and dropped (acknowledged, or it would come back
@@ -169,6 +173,8 @@ class MqttBridge:
             worker: queue.Queue(maxsize=limits.queue_max_count) for worker in Worker
         }
         self._ready = threading.Event()
+        self._was_ready = False  # a ready connection after this one is a reconnect
+        self._reconnect_listeners: list[Callable[[], None]] = []
         self._stopping = threading.Event()
         self._workers: list[threading.Thread] = []
         self._count_lock = threading.Lock()
@@ -192,6 +198,10 @@ class MqttBridge:
         if self._own_driver is not None:
             self._own_driver.start()
         self._link.start()
+
+    def on_reconnected(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (on a thread of its own) each time the bridge is ready again after a lost connection."""
+        self._reconnect_listeners.append(listener)
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Wait until connected with every subscription acknowledged; False on timeout."""
@@ -240,6 +250,16 @@ class MqttBridge:
             log.error("MQTT broker refused the subscriptions %s (check its ACLs)", list(refused))
             return
         self._ready.set()
+        if self._was_ready and self._reconnect_listeners and not self._stopping.is_set():
+            threading.Thread(target=self._announce_reconnect, name="edgefleet-reconnected", daemon=True).start()
+        self._was_ready = True
+
+    def _announce_reconnect(self) -> None:
+        for listener in self._reconnect_listeners:
+            try:
+                listener()
+            except Exception:  # one listener's failure must not keep the others from running
+                log.exception("a reconnect listener of the MQTT bridge failed")
 
     def _on_disconnected(self) -> None:
         self._ready.clear()

@@ -1,5 +1,6 @@
 """The pure generators of ``control_plane.broker_config``: password hashes, ACL, mosquitto.conf, PKI,
-and the writer's rerun rules. A real Mosquitto runs these files in tests/integration/control_plane/test_broker_lockdown.py."""
+and the writer's rerun rules. A real Mosquitto runs these files in
+tests/integration/control_plane/test_broker_lockdown.py."""
 
 from __future__ import annotations
 

@@ -237,3 +237,22 @@ def test_a_server_fault_is_still_tried_again() -> None:
         assert bridge.messages_handled == 1 and bridge.messages_poisoned == 0
     finally:
         bridge.stop()
+
+
+def test_reconnect_listeners_run_after_every_lost_connection_not_at_the_first() -> None:
+    broker = MemoryBroker(autodeliver=True)
+    bridge = MqttBridge(BrokerConnection(host="memory", port=0), lambda t, p: None, link_factory=broker)
+    calls: list[str] = []
+    bridge.on_reconnected(lambda: calls.append(threading.current_thread().name))
+    bridge.start()
+    try:
+        assert bridge.wait_ready(WAIT_S)
+        assert calls == []  # the first connection: the control plane's start-up publishes itself
+        for expected in (1, 2):
+            broker.drop(CLIENT_ID)
+            assert not bridge.connected
+            _link(broker).reconnect()
+            assert _wait(lambda n=expected: len(calls) == n)  # type: ignore[misc]
+        assert calls == ["edgefleet-reconnected"] * 2  # off the network thread: it may use the database
+    finally:
+        bridge.stop()
