@@ -312,6 +312,7 @@ class MqttBridge:
 
     def _handle_alone(self, item: Received, handle: Callable[[Received], None]) -> None:
         if not self._attempt(partial(handle, item), item.topic):
+            log.error("dropped a poison message on %.200s (%d bytes); not retried", item.topic, len(item.payload))
             self._count(poisoned=1)
 
     def _handle_one(self, item: Received) -> None:
@@ -340,7 +341,7 @@ class MqttBridge:
                 return True
             except Exception as exc:
                 if not is_server_fault(exc):
-                    log.error("dropped %.200s: handling it failed, not for a server fault", what, exc_info=True)
+                    log.error("handling %.200s failed, not for a server fault", what, exc_info=True)
                     return False
                 # Not the message's fault (database busy or down, disk error): try again a few
                 # times, then give up on it rather than block every other device.
