@@ -6,9 +6,11 @@ stops exactly what was started::
     data dirs -> database (schema upgraded) -> keys -> bundle store -> broker (embedded unless configured)
       -> MQTT bridge (connect, subscribe) -> republish stored desired states -> re-sign scheduler
 
-Stored desired states are published again at start because a crash between a commit and its
-publish would otherwise leave a device without its newest state until the next re-sign, and
-because the in-memory amqtt fallback broker forgets retained messages when it restarts.
+Stored desired states are published again at start, and on every reconnect to the broker, because
+a crash between a commit and its publish would otherwise leave a device without its newest state
+until the next re-sign, and because a broker forgets retained messages when it restarts (amqtt:
+all; Mosquitto: those of the seconds before a SIGKILL). The embedded broker keeps its port across
+starts and is restarted by a supervisor when it dies.
 Devices ignore an identical copy of a state they already accepted.
 """
 
@@ -19,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from datetime import UTC, datetime
+from functools import partial
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from fastapi import FastAPI
@@ -155,7 +158,9 @@ def _start(settings: ServerSettings, clock: Callable[[], float], stack: ExitStac
         ttl_s=settings.desired_state_ttl_s,
         bundle_base_url=settings.public_url,
         resign_batch_count=settings.resign_batch_count,
+        broker_up=lambda: bridge.connected,
     )
+    bridge.on_reconnected(partial(_republish, engine, keyring, bridge, desired))
     bridge.start()
     stack.callback(bridge.stop)
     if not bridge.wait_ready(settings.broker_connect_timeout_s):
@@ -183,6 +188,14 @@ def _start(settings: ServerSettings, clock: Callable[[], float], stack: ExitStac
         # Also once right away: after downtime, some states may already be past half-life.
         next_run_time=datetime.now(UTC),
     )
+    scheduler.add_job(
+        _reconcile_job(engine, desired, clock, settings.reconcile_interval_s),
+        "interval",
+        seconds=settings.reconcile_interval_s,
+        id="reconcile-desired-states",
+        max_instances=1,
+        coalesce=True,
+    )
     scheduler.start()
     stack.callback(scheduler.shutdown)
 
@@ -205,22 +218,50 @@ def _start_broker(settings: ServerSettings, stack: ExitStack) -> tuple[str, int,
     if settings.broker_host is not None:
         return settings.broker_host, settings.broker_port or DEFAULT_BROKER_PORT, "external"
     # Imported here: a control plane on an external broker never needs it.
-    from edgefleet.control_plane.broker.embedded import BrokerSettings, start_embedded_broker
+    from edgefleet.control_plane.broker.embedded import BrokerSettings
+    from edgefleet.control_plane.broker.kept_port import start_on_kept_port
+    from edgefleet.control_plane.broker.supervisor import BrokerSupervisor
 
-    broker = start_embedded_broker(
+    broker = start_on_kept_port(
         BrokerSettings(
             host=EMBEDDED_BROKER_HOST,
-            port=settings.broker_port or 0,
             data_dir=settings.data_dir / "broker",
             max_packet_size_bytes=max(
                 BrokerSettings().max_packet_size_bytes, settings.max_chunk_bytes + HEADER_BYTES + _PACKET_SLACK_BYTES
             ),
         ),
+        configured_port=settings.broker_port,
         kind=settings.embedded_broker_kind,
     )
     stack.callback(broker.stop)
+    supervisor = BrokerSupervisor(
+        broker,
+        check_interval_s=settings.broker_supervise_interval_s,
+        restart_max_delay_s=settings.broker_restart_max_delay_s,
+    )
+    supervisor.start()
+    stack.callback(supervisor.stop)  # runs first: a broker being stopped must not be restarted
     log.info("embedded %s broker on %s:%d", broker.kind, broker.host, broker.port)
     return broker.host, broker.port, broker.kind
+
+
+def _republish(engine: Engine, keyring: KeyringService, bridge: MqttBridge, desired: DesiredStateService) -> None:
+    keyring.publish_all(bridge)  # before desired states: agents need the keys that signed them
+    with Session(engine) as session:
+        desired.republish_all(session)
+
+
+def _reconcile_job(
+    engine: Engine, desired: DesiredStateService, clock: Callable[[], float], grace_s: float
+) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            with Session(engine) as session:
+                desired.republish_lagging(session, now=clock(), grace_s=grace_s)
+        except Exception:  # the scheduler thread must survive a bad run; the next one retries
+            log.exception("reconciling desired states failed")
+
+    return run
 
 
 def _resign_job(engine: Engine, desired: DesiredStateService, clock: Callable[[], float]) -> Callable[[], None]:

@@ -35,8 +35,9 @@ class ServerSettings(BaseSettings):
         api_host: Address the HTTP API listens on (used by whoever runs uvicorn).
         api_port: Port of the HTTP API.
         broker_host: MQTT broker to connect to; ``None`` starts the embedded broker.
-        broker_port: Broker port; with ``broker_host=None``, ``None`` picks a free port for the
-            embedded broker; with a broker host, ``None`` means 1883.
+        broker_port: Broker port; with ``broker_host=None``, ``None`` keeps the embedded broker's
+            port of earlier starts (``<data_dir>/broker/port``), or picks a free one at the first
+            start; with a broker host, ``None`` means 1883.
         embedded_broker_kind: Which embedded broker to start: ``auto`` (Mosquitto when its
             binary is installed, else the in-process-style amqtt), ``mosquitto`` or ``amqtt``.
         broker_username: MQTT user name, if the broker requires one.
@@ -119,6 +120,12 @@ class ServerSettings(BaseSettings):
     # -- desired states (services/desired_states.py). Page sizes and the enrollment TTL bound are
     # not settings: they are part of the API contract, published in the OpenAPI document.
     resign_batch_count: int = 500  # devices re-signed per transaction by resign_expiring
+    # online devices whose reported sequence still lags their desired one this long after it was
+    # signed get the stored state published again (a broker that lost it); also the job's period
+    reconcile_interval_s: float = 60.0  # seconds
+    # -- the embedded broker's supervisor (broker/supervisor.py)
+    broker_supervise_interval_s: float = 1.0  # seconds between checks that the embedded broker still runs
+    broker_restart_max_delay_s: float = 30.0  # seconds, the ceiling of the backoff between failed restarts
 
     def __init__(self, **values: Any) -> None:
         """Validate ``values`` (code or CLI values only: :meth:`from_env` reads the environment).
@@ -224,6 +231,9 @@ class ServerSettings(BaseSettings):
 
 
 _POSITIVE_SECONDS = (
+    "reconcile_interval_s",
+    "broker_supervise_interval_s",
+    "broker_restart_max_delay_s",
     "desired_state_ttl_s",
     "resign_interval_s",
     "broker_connect_timeout_s",

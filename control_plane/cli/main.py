@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgefleet.control_plane.cli.broker import app as broker_app
@@ -55,34 +56,52 @@ def _table(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> Non
     console.print(table)
 
 
+def _env(name: str) -> str:
+    """The ``[env: EDGEFLEET_<NAME>]`` hint of an option, escaped: rich would read the brackets as markup."""
+    return escape(f"[env: EDGEFLEET_{name}]")
+
+
 @app.command()
 def server(
-    data_dir: Annotated[Path | None, typer.Option(help="State, keys, bundles. [env EDGEFLEET_DATA_DIR]")] = None,
-    host: Annotated[str, typer.Option(help="API listen address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="API port.")] = 8700,
+    data_dir: Annotated[Path | None, typer.Option(help=f"State, keys, bundles. {_env('DATA_DIR')}")] = None,
+    host: Annotated[
+        str | None, typer.Option(help=f"API listen address (default 127.0.0.1). {_env('API_HOST')}")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help=f"API port (default 8700). {_env('API_PORT')}")] = None,
     database_url: Annotated[
-        str | None, typer.Option(help="SQLAlchemy URL; default SQLite in the data dir. [env EDGEFLEET_DATABASE_URL]")
+        str | None,
+        typer.Option(help=f"SQLAlchemy URL; default SQLite in the data dir. {_env('DATABASE_URL')}"),
     ] = None,
     broker_host: Annotated[
         str | None,
-        typer.Option(help="External MQTT broker; omit to start an embedded one. [env EDGEFLEET_BROKER_HOST]"),
+        typer.Option(help=f"External MQTT broker; omit to start an embedded one. {_env('BROKER_HOST')}"),
     ] = None,
     broker_port: Annotated[
-        int | None, typer.Option(help="Broker port (embedded: default any free port). [env EDGEFLEET_BROKER_PORT]")
+        int | None,
+        typer.Option(
+            help="Broker port (embedded: a free port chosen at the first start, then kept in the data dir). "
+            f"{_env('BROKER_PORT')}"
+        ),
     ] = None,
     embedded_broker: Annotated[
-        str | None, typer.Option(help="auto (mosquitto if installed, else amqtt), mosquitto or amqtt.")
+        str | None,
+        typer.Option(
+            help=f"auto (mosquitto if installed, else amqtt), mosquitto or amqtt. {_env('EMBEDDED_BROKER_KIND')}"
+        ),
     ] = None,
     public_url: Annotated[
         str | None,
         typer.Option(
             help="URL devices reach this server at; desired states then name HTTP bundle URLs. "
-            "[env EDGEFLEET_PUBLIC_URL]"
+            f"{_env('PUBLIC_URL')}"
         ),
     ] = None,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
-    """Run the control plane (REST API + MQTT bridge; embedded broker unless --broker-host)."""
+    """Run the control plane (REST API + MQTT bridge; embedded broker unless --broker-host).
+
+    An option given wins over its environment variable, which wins over the default.
+    """
     import logging
 
     import uvicorn
@@ -104,7 +123,13 @@ def server(
         )
     except EdgefleetError as exc:
         raise _fail(exc) from exc
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower(), access_log=False)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level=log_level.lower(),
+        access_log=False,
+    )
 
 
 @models_app.command("push")

@@ -12,10 +12,19 @@
   to the *ingest* worker, in arrival order (the order of a device's status and reported messages
   matters). The ingest worker takes whatever has queued up, up to ``BridgeLimits.batch_max_count`` messages,
   and hands it to the batch handler as one unit (one database transaction per batch).
+- Every connection after the first is announced to the :meth:`MqttBridge.on_reconnected`
+  listeners, off the network thread: a broker that was restarted may have lost retained
+  messages (Mosquitto saves them every few seconds; a SIGKILL loses the rest), so the control
+  plane publishes its retained state again.
 - Both queues are bounded: when one is full, the network thread waits, the broker's in-flight
   window fills, and the broker holds further messages (backpressure, not loss).
 - Garbage on a subscribed topic is logged and dropped (acknowledged, or it would come back
   forever); it never stops a worker and never reaches the database.
+- A handler that fails for a server fault (:func:`~edgefleet.control_plane.messaging.faults.is_server_fault`:
+  database busy or down, disk) is tried again, up to ``handler_attempts_count`` times with a pause.
+  Any other failure is the message's own (a *poison* message): a batch it spoiled is handled again
+  one message at a time, and the poison message is dropped and counted (``messages_poisoned``) at
+  its first failure, never retried: retrying it only made every message behind it wait.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import partial
 
+from edgefleet.control_plane.messaging.faults import is_server_fault
 from edgefleet.shared.errors import MessageError
 from edgefleet.shared.link.base import Link, LinkFactory, LinkHandlers, LinkOptions, Received
 from edgefleet.shared.link.driver import PahoDriver
@@ -163,11 +173,14 @@ class MqttBridge:
             worker: queue.Queue(maxsize=limits.queue_max_count) for worker in Worker
         }
         self._ready = threading.Event()
+        self._was_ready = False  # a ready connection after this one is a reconnect
+        self._reconnect_listeners: list[Callable[[], None]] = []
         self._stopping = threading.Event()
         self._workers: list[threading.Thread] = []
         self._count_lock = threading.Lock()
         self.messages_handled = 0
-        self.messages_rejected = 0
+        self.messages_rejected = 0  # refused by their decoder (MessageError)
+        self.messages_poisoned = 0  # broke their handler for a reason not the server's
 
     @property
     def connected(self) -> bool:
@@ -185,6 +198,10 @@ class MqttBridge:
         if self._own_driver is not None:
             self._own_driver.start()
         self._link.start()
+
+    def on_reconnected(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (on a thread of its own) each time the bridge is ready again after a lost connection."""
+        self._reconnect_listeners.append(listener)
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Wait until connected with every subscription acknowledged; False on timeout."""
@@ -233,6 +250,16 @@ class MqttBridge:
             log.error("MQTT broker refused the subscriptions %s (check its ACLs)", list(refused))
             return
         self._ready.set()
+        if self._was_ready and self._reconnect_listeners and not self._stopping.is_set():
+            threading.Thread(target=self._announce_reconnect, name="edgefleet-reconnected", daemon=True).start()
+        self._was_ready = True
+
+    def _announce_reconnect(self) -> None:
+        for listener in self._reconnect_listeners:
+            try:
+                listener()
+            except Exception:  # one listener's failure must not keep the others from running
+                log.exception("a reconnect listener of the MQTT bridge failed")
 
     def _on_disconnected(self) -> None:
         self._ready.clear()
@@ -254,7 +281,7 @@ class MqttBridge:
         q = self._queues[Worker.CHUNKS]
         while (item := q.get()) is not _STOP:
             assert isinstance(item, Received)
-            self._retrying(partial(self._handle_one, item), item.topic)
+            self._handle_alone(item, self._handle_one)
             self._ack([item])
 
     def _work_ingest(self) -> None:
@@ -274,12 +301,19 @@ class MqttBridge:
             received = [item for item in batch if isinstance(item, Received)]
             if self._batch_handler is None:
                 for item in received:
-                    self._retrying(partial(self._handle_one, item), item.topic)
-            else:
-                self._retrying(partial(self._handle_batch, received), f"a batch of {len(received)} messages")
+                    self._handle_alone(item, self._handle_one)
+            elif not self._attempt(partial(self._handle_batch, received), f"a batch of {len(received)} messages"):
+                # One message's content spoiled the batch: find it by handling each alone.
+                for item in received:
+                    self._handle_alone(item, lambda one: self._handle_batch([one]))
             self._ack(received)
             if stop_after:
                 return
+
+    def _handle_alone(self, item: Received, handle: Callable[[Received], None]) -> None:
+        if not self._attempt(partial(handle, item), item.topic):
+            log.error("dropped a poison message on %.200s (%d bytes); not retried", item.topic, len(item.payload))
+            self._count(poisoned=1)
 
     def _handle_one(self, item: Received) -> None:
         try:
@@ -299,19 +333,24 @@ class MqttBridge:
         rejected = sum(1 for error in results if error is not None)
         self._count(handled=len(items) - rejected, rejected=rejected)
 
-    def _retrying(self, attempt_fn: Callable[[], None], what: str) -> None:
+    def _attempt(self, attempt_fn: Callable[[], None], what: str) -> bool:
+        """Run ``attempt_fn``, again after a server fault; False when it failed for the message's content."""
         for attempt in range(self._limits.handler_attempts_count):
             try:
                 attempt_fn()
-                return
-            except Exception:
+                return True
+            except Exception as exc:
+                if not is_server_fault(exc):
+                    log.error("handling %.200s failed, not for a server fault", what, exc_info=True)
+                    return False
                 # Not the message's fault (database busy or down, disk error): try again a few
                 # times, then give up on it rather than block every other device.
                 if attempt + 1 == self._limits.handler_attempts_count or self._stopping.is_set():
                     log.exception("giving up on %.200s", what)
-                    return
+                    return True
                 log.warning("handling %.200s failed; retrying", what, exc_info=True)
                 time.sleep(_RETRY_DELAYS_S[min(attempt, len(_RETRY_DELAYS_S) - 1)])
+        return True
 
     def _ack(self, items: Sequence[Received]) -> None:
         if self._stopping.is_set():
@@ -319,10 +358,11 @@ class MqttBridge:
         for item in items:
             self._link.ack(item)
 
-    def _count(self, *, handled: int = 0, rejected: int = 0) -> None:
+    def _count(self, *, handled: int = 0, rejected: int = 0, poisoned: int = 0) -> None:
         with self._count_lock:
             self.messages_handled += handled
             self.messages_rejected += rejected
+            self.messages_poisoned += poisoned
 
 
 def _drain(q: queue.Queue[Received | object]) -> None:

@@ -16,6 +16,14 @@ A process-wide lock is held from step 1 to step 4: sequences are published in th
 were issued, and the retained message is always the newest. (Across replicas the newest
 sequence still wins on the device, which refuses anything not newer than what it accepted.)
 
+What is published can still be lost: a broker killed before it saved its retained messages
+forgets the newest states. :meth:`DesiredStateService.republish_all` (at start and on every
+reconnect to the broker) and :meth:`DesiredStateService.republish_lagging` (periodically: online
+devices that report an older sequence than their desired one) publish the stored envelopes again;
+a device ignores a copy of a state it already accepted. A deployment made while the broker is
+unreachable is accepted and *queued*: its state is committed, its message says so, and the
+reconnect publishes it.
+
 Signed states expire (``ttl_s``); :meth:`DesiredStateService.resign_expiring`, run by the
 scheduler, re-signs any state past half its validity with a new sequence, so a device that
 comes back after days still finds a valid one waiting.
@@ -26,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -53,6 +61,8 @@ from edgefleet.shared.wire.messages import MAX_MODELS, DesiredState, ModelDirect
 from edgefleet.shared.wire.topics import Leaf, device_topic
 
 log = logging.getLogger(__name__)
+
+QUEUED_MESSAGE = "queued: the MQTT broker is unreachable; the desired state is published when it is back"
 
 
 
@@ -143,6 +153,7 @@ class DesiredStateService:
         ttl_s: float,
         bundle_base_url: str | None = None,
         resign_batch_count: int = 500,
+        broker_up: Callable[[], bool] = lambda: True,
     ) -> None:
         """Create the service.
 
@@ -152,7 +163,10 @@ class DesiredStateService:
             ttl_s: Validity of each signed state, in seconds.
             bundle_base_url: Public URL of the control plane, named in directives for HTTP download.
             resign_batch_count: Devices re-signed per transaction by :meth:`resign_expiring`.
+            broker_up: Whether the publisher is connected to the broker now; deployments made
+                while it is not are marked queued.
         """
+        self._broker_up = broker_up
         self._resign_batch = resign_batch_count
         self._publisher = publisher
         self._key = online_key
@@ -210,6 +224,7 @@ class DesiredStateService:
             _check_model_counts(session, ids)
             issued += [self._issue(session, device_id, now) for device_id in ids]
             stamp = _utc(now)
+            queued = "" if self._broker_up() else QUEUED_MESSAGE
             deployments = [
                 Deployment(
                     device_id=state.device_id,
@@ -218,6 +233,7 @@ class DesiredStateService:
                     bundle_digest=model.bundle_digest,
                     sequence=state.sequence,
                     status=DeploymentStatus.PENDING,
+                    message=queued,
                     created_at=stamp,
                     updated_at=stamp,
                 )
@@ -438,6 +454,31 @@ class DesiredStateService:
             for device_id, envelope in rows:
                 self._publisher.publish(device_topic(device_id, Leaf.DESIRED), envelope.encode(), retain=True)
         return len(rows)
+
+    def republish_lagging(self, session: Session, *, now: float, grace_s: float) -> list[str]:
+        """Publish the stored envelope again to online devices that report an older sequence than it.
+
+        Reconciliation for a state the broker lost (or a device never received): only states
+        signed at least ``grace_s`` ago count, so a deployment in progress is left alone.
+
+        Returns:
+            The devices whose state was published again.
+        """
+        with self._lock:
+            rows = session.exec(
+                select(Device.id, Device.desired_envelope).where(
+                    col(Device.online).is_(True),
+                    Device.desired_envelope != "",
+                    col(Device.applied_sequence) < col(Device.desired_sequence),
+                    col(Device.desired_issued_at) <= now - grace_s,
+                )
+            ).all()
+            session.rollback()
+            for device_id, envelope in rows:
+                self._publisher.publish(device_topic(device_id, Leaf.DESIRED), envelope.encode(), retain=True)
+        if rows:
+            log.info("published the desired state again to %d device(s) whose reported sequence lags", len(rows))
+        return [device_id for device_id, _ in rows]
 
     @contextmanager
     def _transaction(self, session: Session) -> Iterator[list[tuple[DesiredState, bytes]]]:

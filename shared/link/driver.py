@@ -326,6 +326,12 @@ class PahoLink:
         """Whether the connection is up now (CONNACK received, not yet lost)."""
         return self._up.is_set()
 
+    @property
+    def address(self) -> str:
+        """``host:port`` of the broker this link connects to, for log lines."""
+        host = self._options.host
+        return f"[{host}]:{self._options.port}" if ":" in host else f"{host}:{self._options.port}"
+
     def wait_connected(self, timeout_s: float) -> bool:
         """Wait until connected; False on timeout."""
         return self._up.wait(timeout_s)
@@ -376,7 +382,12 @@ class PahoLink:
             rc = self.client.reconnect()
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             delay = self._backoff.next_delay()
-            log.debug("cannot reach the MQTT broker for %s (%s); retrying in %.1f s", self.client_id, exc, delay)
+            # Every failed try, with where and when next: "disconnected" alone cannot tell an
+            # operator that the broker moved or is down.
+            log.warning(
+                "%s cannot reach the MQTT broker at %s (%s); next try in %.1f s",
+                self.client_id, self.address, exc, delay,
+            )
             self._closed.set()
             self._driver.schedule_reconnect(self, delay)
             return
@@ -393,14 +404,17 @@ class PahoLink:
         self._up.clear()
         self._closed.set()
         if not self._stopping:
-            self._driver.schedule_reconnect(self, self._backoff.next_delay())
+            delay = self._backoff.next_delay()
+            log.warning("%s lost its connection to the MQTT broker at %s; next try in %.1f s",
+                        self.client_id, self.address, delay)
+            self._driver.schedule_reconnect(self, delay)
 
     def _wants_write(self, _client: mqtt.Client, _userdata: Any, _sock: Any) -> None:
         self._driver.touch(self)
 
     def _connected_cb(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
-            log.warning("MQTT broker refused %s: %s", self.client_id, reason)
+            log.warning("MQTT broker at %s refused %s: %s", self.address, self.client_id, reason)
             return  # the broker closes the socket; the backoff keeps growing
         self._backoff.reset()
         self._up.set()
@@ -423,7 +437,7 @@ class PahoLink:
     def _disconnected_cb(self, _c: mqtt.Client, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
         self._up.clear()
         if not self._stopping:
-            log.info("%s disconnected from the MQTT broker: %s", self.client_id, reason)
+            log.info("%s disconnected from the MQTT broker at %s: %s", self.client_id, self.address, reason)
         self._call(self._handlers.on_disconnected)
 
     def _message_cb(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:

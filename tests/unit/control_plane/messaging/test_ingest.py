@@ -516,3 +516,41 @@ def test_a_chunk_request_in_a_batch_is_served(
     assert topic == device_topic("dev-1", Leaf.CHUNK_DATA)
     chunk = decode_chunk_message(payload)
     assert isinstance(chunk, Chunk) and chunk.data == data[:CHUNK]
+
+
+_HUGE = "1" + "0" * 400  # a 400-digit number: fits no column, no float, no u64
+
+
+def _with_number(message: bytes, field: str, number: str) -> bytes:
+    raw = json.loads(message)
+    raw[field] = 0  # a placeholder the number's text replaces, so it stays exactly as sent
+    return json.dumps(raw).replace(f'"{field}": 0', f'"{field}": {number}').encode()
+
+
+_UNFIT = [_HUGE, f"-{_HUGE}", f"{_HUGE}.5", "1e400"]
+_NUMBER_CASES = [
+    *[(leaf, field, n) for leaf, field in [(Leaf.STATUS, "ts"), (Leaf.REPORTED, "ts"), (Leaf.EVENTS, "ts"),
+                                          (Leaf.EVENTS, "duration_s")] for n in _UNFIT],
+    # integer columns are signed 64-bit: one past the largest is refused too
+    *[(leaf, field, n) for leaf, field in [(Leaf.REPORTED, "applied_sequence"), (Leaf.EVENTS, "sequence")]
+      for n in [*_UNFIT, "9223372036854775808"]],
+]
+
+
+@pytest.mark.parametrize(("leaf", "field", "number"), _NUMBER_CASES)
+def test_a_number_that_does_not_fit_is_a_message_error_never_another_exception(
+    engine: Engine, ingestor: Ingestor, leaf: Leaf, field: str, number: str
+) -> None:
+    _add_device(engine, "dev-1")
+    valid = {
+        Leaf.STATUS: DeviceStatus(device_id="dev-1", online=True, ts=NOW).encode(),
+        Leaf.REPORTED: _report("dev-1"),
+        Leaf.EVENTS: _event(),
+    }[leaf]
+    payload = _with_number(valid, field, number)
+    before = _snapshot(engine)
+
+    results = ingestor.handle_batch([(device_topic("dev-1", leaf), payload)])
+
+    assert len(results) == 1 and isinstance(results[0], MessageError)
+    assert _snapshot(engine) == before

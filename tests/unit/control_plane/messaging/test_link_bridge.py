@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -133,5 +134,125 @@ def test_without_a_batch_handler_each_message_goes_to_the_handler(setup) -> None
         assert recorder.wait_for(lambda: recorder.single)
         assert recorder.single[0][2] == "edgefleet-ingest"
         assert recorder.wait_for(lambda: len(_link(broker).acked) == 1)
+    finally:
+        bridge.stop()
+
+
+class Poisoned:
+    """Handlers that fail on b"poison" as a bug or an unforeseen value would (not a MessageError)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[bytes]] = []
+        self.flaky_left = 1  # b"flaky" fails this many times with a server fault first
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+        self.release.set()
+
+    def _check(self, payload: bytes) -> None:
+        if payload == b"poison":
+            raise OverflowError("int too large to convert to SQLite INTEGER")
+        if payload == b"flaky" and self.flaky_left > 0:
+            self.flaky_left -= 1
+            raise OSError("disk I/O error")
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        with self.lock:
+            self.calls.append([payload])
+        self._check(payload)
+
+    def handle_batch(self, messages: Sequence[tuple[str, bytes]]) -> list[MessageError | None]:
+        self.release.wait(WAIT_S)
+        with self.lock:
+            self.calls.append([p for _, p in messages])
+        for _, payload in messages:
+            self._check(payload)
+        return [None for _ in messages]
+
+
+def _poison_bridge(broker: MemoryBroker, handlers: Poisoned, *, batches: bool) -> MqttBridge:
+    bridge = MqttBridge(
+        BrokerConnection(host="memory", port=0),
+        handlers.handle,
+        batch_handler=handlers.handle_batch if batches else None,
+        link_factory=broker,
+    )
+    bridge.start()
+    assert bridge.wait_ready(WAIT_S)
+    return bridge
+
+
+def _wait(predicate: object) -> bool:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def test_a_poison_chunk_request_is_dropped_and_counted_at_once_never_retried() -> None:
+    broker = MemoryBroker(autodeliver=True)
+    handlers = Poisoned()
+    bridge = _poison_bridge(broker, handlers, batches=False)
+    try:
+        started = time.monotonic()
+        broker.publish(device_topic("d1", Leaf.CHUNK_REQUEST), b"poison")
+        broker.publish(device_topic("d1", Leaf.CHUNK_REQUEST), b"request")
+        assert _wait(lambda: len(_link(broker).acked) == 2)
+        elapsed = time.monotonic() - started
+        assert handlers.calls == [[b"poison"], [b"request"]]  # tried once
+        assert bridge.messages_poisoned == 1 and bridge.messages_handled == 1
+        assert elapsed < 0.15  # no retry pauses before the next answer (they were 0.2 s + 1.0 s)
+    finally:
+        bridge.stop()
+
+
+def test_a_poison_message_in_a_batch_spoils_only_itself() -> None:
+    broker = MemoryBroker(autodeliver=True)
+    handlers = Poisoned()
+    bridge = _poison_bridge(broker, handlers, batches=True)
+    try:
+        handlers.release.clear()  # the rest queue up behind the first message and come in one batch
+        for i, payload in enumerate([b"first", b"a", b"poison", b"b"]):
+            broker.publish(device_topic(f"d{i}", Leaf.STATUS), payload)
+        handlers.release.set()
+        assert _wait(lambda: len(_link(broker).acked) == 4)
+        # The batch failed once, then each of its messages alone: the poison one once, the others applied.
+        assert [b"a", b"poison", b"b"] in [call[-3:] for call in handlers.calls if len(call) >= 3]
+        assert handlers.calls[-3:] == [[b"a"], [b"poison"], [b"b"]]
+        assert handlers.calls.count([b"poison"]) == 1
+        assert bridge.messages_handled == 3 and bridge.messages_poisoned == 1
+    finally:
+        bridge.stop()
+
+
+def test_a_server_fault_is_still_tried_again() -> None:
+    broker = MemoryBroker(autodeliver=True)
+    handlers = Poisoned()
+    bridge = _poison_bridge(broker, handlers, batches=False)
+    try:
+        broker.publish(device_topic("d1", Leaf.CHUNK_REQUEST), b"flaky")
+        assert _wait(lambda: len(_link(broker).acked) == 1)
+        assert handlers.calls == [[b"flaky"], [b"flaky"]]
+        assert bridge.messages_handled == 1 and bridge.messages_poisoned == 0
+    finally:
+        bridge.stop()
+
+
+def test_reconnect_listeners_run_after_every_lost_connection_not_at_the_first() -> None:
+    broker = MemoryBroker(autodeliver=True)
+    bridge = MqttBridge(BrokerConnection(host="memory", port=0), lambda t, p: None, link_factory=broker)
+    calls: list[str] = []
+    bridge.on_reconnected(lambda: calls.append(threading.current_thread().name))
+    bridge.start()
+    try:
+        assert bridge.wait_ready(WAIT_S)
+        assert calls == []  # the first connection: the control plane's start-up publishes itself
+        for expected in (1, 2):
+            broker.drop(CLIENT_ID)
+            assert not bridge.connected
+            _link(broker).reconnect()
+            assert _wait(lambda n=expected: len(calls) == n)  # type: ignore[misc]
+        assert calls == ["edgefleet-reconnected"] * 2  # off the network thread: it may use the database
     finally:
         bridge.stop()
