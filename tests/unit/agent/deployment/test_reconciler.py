@@ -125,9 +125,9 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Release]:
         "v1": make_release(d, "1.0.0", good_model(1), seed=1),
         "v2": make_release(d, "2.0.0", good_model(2), seed=2),
         "v3": make_release(d, "3.0.0", good_model(3), seed=3),
-        "bad": make_release(d, "2.0.0-bad", failing_model(), seed=None),
-        "unsigned": make_release(d, "2.0.0-stranger", good_model(2), seed=2, key=STRANGER),
-        "mislabelled": make_release(d, "2.0.0-label", good_model(2), seed=2, manifest_version="9.9.9"),
+        "bad": make_release(d, "2.0.0+bad", failing_model(), seed=None),
+        "unsigned": make_release(d, "2.0.0+stranger", good_model(2), seed=2, key=STRANGER),
+        "mislabelled": make_release(d, "2.0.0+label", good_model(2), seed=2, manifest_version="9.9.9"),
     }
 
 
@@ -356,7 +356,7 @@ def test_failed_no_change_when_the_disk_fills_while_staging(
 def test_failed_rolled_back_when_the_health_check_fails(device: Device, releases: dict[str, Release]) -> None:
     device.deploy(1, releases["v1"])
     assert device.deploy(2, releases["bad"]) is False
-    assert device.outcomes()[-1] == ("2.0.0-bad", Outcome.FAILED_ROLLED_BACK)
+    assert device.outcomes()[-1] == ("2.0.0+bad", Outcome.FAILED_ROLLED_BACK)
     assert device.events()[-1].error_code  # the runtime's reason travels with the outcome
     device.assert_serves(releases["v1"])
     state = device.on_disk()
@@ -376,7 +376,7 @@ def test_failed_unable_to_roll_back_when_the_previous_slot_is_gone(
     device.deploy(1, releases["v1"])
     (device.data_dir / "models" / MODEL / releases["v1"].slot / "model.onnx").unlink()
     device.deploy(2, releases["bad"])
-    assert device.outcomes()[-1] == ("2.0.0-bad", Outcome.FAILED_UNABLE_TO_ROLL_BACK)
+    assert device.outcomes()[-1] == ("2.0.0+bad", Outcome.FAILED_UNABLE_TO_ROLL_BACK)
     assert device.serving_version() is None
     state = device.on_disk()
     assert MODEL not in state.active and state.in_progress is None

@@ -412,8 +412,8 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Release]:
         "v1": _release(d, "1.0.0", 1),
         "v2": _release(d, "2.0.0", 2),
         "v3": _release(d, "3.0.0", 3),
-        "unsigned": _release(d, "2.0.0-stranger", 2, key=STRANGER),
-        "narrow": _release(d, "2.0.0-narrow", 2, n_inputs=6),
+        "unsigned": _release(d, "2.0.0+stranger", 2, key=STRANGER),
+        "narrow": _release(d, "2.0.0+narrow", 2, n_inputs=6),
     }
 
 
@@ -515,7 +515,7 @@ def test_a_candidate_that_fails_verification_is_reported_failed_and_not_retried_
     v1, unsigned = releases["v1"], releases["unsigned"]
     agent.apply(1, v1.directive(shadow=unsigned))
     report = agent.shadow_report()
-    assert report is not None and report.state == "failed" and report.version == "2.0.0-stranger"
+    assert report is not None and report.state == "failed" and report.version == "2.0.0+stranger"
     assert report.message.startswith("signature_invalid:")
     assert agent.host.get(NAME) is agent.host.get(NAME, "1.0.0")  # serving untouched
     assert not isinstance(agent.host.get(NAME), ShadowedModel)
