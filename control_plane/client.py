@@ -31,8 +31,8 @@ DEFAULT_DATA_DIR = ".edgefleet"  # the server's default data dir (ServerSettings
 ADMIN_TOKEN_FILE = "admin-token"  # what the server writes there at its first start
 MAX_TOKEN_FILE_BYTES = 4096  # bytes: a token file is one short line
 _NO_TOKEN_HINT = (
-    "no API token was sent: export EDGEFLEET_TOKEN=<token> (a first start writes an admin token to "
-    "<data dir>/admin-token), or pass --token"
+    "no API token was sent: export EDGEFLEET_TOKEN=<token> (a control plane's first start writes an "
+    "admin token to <data dir>/admin-token)"
 )
 
 

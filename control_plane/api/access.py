@@ -93,16 +93,12 @@ def forbidden(message: str) -> HTTPException:
     )
 
 
-def _token_principal(session: Session, token: str, needed: Role, *, devices: bool) -> Principal:
+def _token_principal(session: Session, token: str, *, devices: bool) -> Principal:
     row = find_token(session, token)
     refusal = check_token(row, now=utcnow())
     if refusal is not None or row is None:
         raise unauthenticated("the API token is unknown, expired or revoked", devices=devices)
-    role = Role(row.role)
-    principal = Principal(token_id=row.id, actor=f"token {row.id} ({row.name})", role=role)
-    if not role.includes(needed):
-        raise forbidden(f"this needs the {needed.value} role; token {row.id} has {role.value}")
-    return principal
+    return Principal(token_id=row.id, actor=f"token {row.id} ({row.name})", role=Role(row.role))
 
 
 def _device_principal(session: Session, username: str, password: str) -> Principal:
@@ -157,7 +153,7 @@ def _rule(access: Access) -> Callable[..., Principal | None]:
         assert isinstance(access.role, Role)
         with Session(cp.engine) as session:
             if bearer is not None:
-                principal = _token_principal(session, bearer.credentials, access.role, devices=access.devices)
+                principal = _token_principal(session, bearer.credentials, devices=access.devices)
             elif access.devices and (basic := _basic_credentials(request)) is not None:
                 principal = _device_principal(session, *basic)
             else:
@@ -165,7 +161,9 @@ def _rule(access: Access) -> Callable[..., Principal | None]:
                     "this needs an API token: send 'Authorization: Bearer <token>'", devices=access.devices
                 )
         if context is not None:
-            context.principal = principal
+            context.principal = principal  # before the role check: a refused attempt is audited with its token
+        if principal.role is not None and not principal.role.includes(access.role):
+            raise forbidden(f"this needs the {access.role.value} role; this token has {principal.role.value}")
         return principal
 
     if access.devices:
