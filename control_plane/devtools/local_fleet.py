@@ -224,7 +224,7 @@ class LocalFleet:
             token = client.create_enrollment(device_id)["token"]
         finally:
             client.close()
-        transfer_table = dict(transfer) if transfer is not None else {"chunk_size_bytes": chunk_size_bytes}
+        transfer_table: dict[str, Any] = {"chunk_size_bytes": chunk_size_bytes} if transfer is None else dict(transfer)
         if self.bundle_urls:
             # The agent sends its credentials to the control plane's origin only (agent.transfer.http).
             transfer_table.setdefault("http_base_url", self.api_url)
