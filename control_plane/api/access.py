@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -37,6 +38,8 @@ from edgefleet.control_plane.api.errors import error_responses
 from edgefleet.control_plane.broker.config import verify_password
 from edgefleet.control_plane.db.tables import Device, utcnow
 from edgefleet.control_plane.services.auth import Role, check_token, find_token
+
+log = logging.getLogger(__name__)
 
 # auto_error=False: a missing credential is answered by the rule below, in the one error shape.
 _bearer = HTTPBearer(auto_error=False, scheme_name="apiToken", description="An API token: `edgefleet tokens create`.")
@@ -97,6 +100,8 @@ def _token_principal(session: Session, token: str, *, devices: bool) -> Principa
     row = find_token(session, token)
     refusal = check_token(row, now=utcnow())
     if refusal is not None or row is None:
+        # The caller learns only "401"; the log says which token and why, for whoever runs it.
+        log.info("refused an API token: %s%s", refusal, f" (token {row.id})" if row is not None else "")
         raise unauthenticated("the API token is unknown, expired or revoked", devices=devices)
     return Principal(token_id=row.id, actor=f"token {row.id} ({row.name})", role=Role(row.role))
 

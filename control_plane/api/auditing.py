@@ -5,8 +5,10 @@ route's access rule (:mod:`.access`) fills in who called, the route names the op
 route whose object is in its body adds it (:func:`audit_target`). Once the answer's status is
 known (or the request failed with no answer, a 500) the middleware appends one entry through
 :mod:`edgefleet.control_plane.services.audit`, for every method that can change something,
-whether it was allowed or refused. Requests that reached no route (a 404 for an unknown path)
-name no operation and are not logged.
+whether it was allowed or refused. Not stored: requests that reached no route (a 404 for an
+unknown path: no operation), and refused requests from callers who proved no identity (no or a
+bad token, a failed enrollment exchange), which anyone who reaches the API could send by the
+million to fill the disk; those go to the server log only.
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ def _entry(scope: Scope, context: AuditContext, status_code: int) -> AuditRecord
     params = scope.get("path_params") or {}
     target = " ".join([*(f"{k}={v}" for k, v in params.items()), *context.targets])
     principal = context.principal
+    if principal is None and status_code >= 400:
+        log.info("refused anonymous %s %s: %d", operation, target, status_code)
+        return None
     return AuditRecord(
         token_id=principal.token_id if principal else None,
         actor=principal.actor if principal else "anonymous",

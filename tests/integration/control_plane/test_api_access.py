@@ -230,9 +230,14 @@ def test_the_audit_log_records_who_changed_what_and_refused_attempts_but_not_rea
     assert (allowed["token_id"], allowed["status_code"], allowed["target"]) == (1, 201, "device=audited-device")
     assert allowed["actor"] == "token 1 (first-start admin)"
     assert (refused["token_id"], refused["status_code"]) == (tokens["test-viewer"], 403)
+    with server.client() as nobody:
+        assert nobody.post("/api/v1/devices", json={"id": "anonymous-try"}).status_code == 401
     with server.client(bearer(server.tokens["admin"])) as admin:
-        operations = {e["operation"] for e in admin.get("/api/v1/audit", params={"limit": 10_000}).json()}
+        everything = admin.get("/api/v1/audit", params={"limit": 10_000}).json()
+    operations = {e["operation"] for e in everything}
     assert "list_devices" not in operations
+    # Refusals of callers who proved no identity are not stored: anyone could fill the disk with them.
+    assert [e for e in everything if e["token_id"] is None and e["status_code"] >= 400] == []
     assert {"create_token", "revoke_token", "create_enrollment", "enroll"} <= operations
 
 
