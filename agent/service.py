@@ -83,7 +83,10 @@ class Agent:
         self.fetcher = ChunkFetcher(
             downloads, config.transfer, self._request_chunks, limiter=limiter, link_up=self.link.connected
         )
-        self.http_fetcher = HttpFetcher(downloads, config.transfer, limiter=limiter)
+        broker = config.broker
+        # The control plane's bundle route takes the device's own broker credentials.
+        credentials = (broker.username, broker.password) if broker.username and broker.password else None
+        self.http_fetcher = HttpFetcher(downloads, config.transfer, limiter=limiter, credentials=credentials)
         self._stepper = SerialStepper(self._step, self.resources.pool.submit, self.resources.timer.call_later)
         self.reconciler = Reconciler(
             config,

@@ -3,8 +3,13 @@
 Start-up, each step registering its own teardown on one ``ExitStack`` so that a failure half-way
 stops exactly what was started::
 
-    data dirs -> database (schema upgraded) -> keys -> bundle store -> broker (embedded unless configured)
-      -> MQTT bridge (connect, subscribe) -> republish stored desired states -> re-sign scheduler
+    data dirs -> database (schema upgraded) -> first admin token (a new data dir only) -> keys
+      -> bundle store -> broker (embedded unless configured) -> MQTT bridge (connect, subscribe)
+      -> republish stored desired states -> re-sign scheduler
+
+On a database with no API token the first start makes an admin token, writes it to
+``<data_dir>/admin-token`` (mode 0600) and logs it once: every route but ``/healthz`` and the
+enrollment exchange needs a token (:mod:`edgefleet.control_plane.api.access`).
 
 Stored desired states are published again at start, and on every reconnect to the broker, because
 a crash between a commit and its publish would otherwise leave a device without its newest state
@@ -28,14 +33,18 @@ from fastapi import FastAPI
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from edgefleet.control_plane.api.access import document_access
+from edgefleet.control_plane.api.auditing import AuditMiddleware
 from edgefleet.control_plane.api.deps import ControlPlane
 from edgefleet.control_plane.api.errors import install_error_handlers
 from edgefleet.control_plane.api.routes import ROUTERS
 from edgefleet.control_plane.bundles.store import BundleStore
 from edgefleet.control_plane.db.engine import create_db_engine
 from edgefleet.control_plane.db.schema import upgrade_schema
+from edgefleet.control_plane.db.tables import utcnow
 from edgefleet.control_plane.messaging.bridge import BridgeLimits, BrokerConnection, MqttBridge
 from edgefleet.control_plane.messaging.ingest import Ingestor
+from edgefleet.control_plane.services.auth import ADMIN_TOKEN_FILE, ensure_first_admin_token
 from edgefleet.control_plane.services.desired_states import DesiredStateService
 from edgefleet.control_plane.services.keyring import KeyringService
 from edgefleet.control_plane.services.keys import load_or_create_keys
@@ -84,6 +93,8 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], float] = time.ti
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(AuditMiddleware)
+    document_access(ROUTERS)
     for router in ROUTERS:
         app.include_router(router)
     return app
@@ -96,6 +107,17 @@ def _start(settings: ServerSettings, clock: Callable[[], float], stack: ExitStac
     engine = create_db_engine(settings.database_url)
     stack.callback(engine.dispose)
     upgrade_schema(engine)
+    with Session(engine) as session:
+        admin_token = ensure_first_admin_token(session, data_dir, now=utcnow())
+    if admin_token is not None:
+        # Shown this once (only its hash is stored); the file is for this machine's CLI.
+        log.warning(
+            "first start: created an admin API token, saved in %s (mode 0600):\n\n    %s\n\n"
+            "use it with: export EDGEFLEET_TOKEN=$(cat %s)",
+            data_dir / ADMIN_TOKEN_FILE,
+            admin_token,
+            data_dir / ADMIN_TOKEN_FILE,
+        )
 
     keyring = KeyringService(data_dir / "keys", load_or_create_keys(data_dir / "keys"))
     store = BundleStore(

@@ -4,11 +4,19 @@
 >>> with EdgefleetClient("http://127.0.0.1:8700") as ef:
 ...     ef.push_model("model.onnx", name="classifier", version="1.0.0")
 ...     ef.deploy("classifier", "1.0.0", devices=["pi-01"])
+
+Every call but :meth:`EdgefleetClient.healthy` needs an API token. :func:`resolve_token` finds
+one, first found wins: the ``token`` argument, ``$EDGEFLEET_TOKEN``, the file named by
+``$EDGEFLEET_TOKEN_FILE``, the config file ``~/.config/edgefleet/token`` (``$XDG_CONFIG_HOME``
+if set), and last the admin token a control plane on this machine wrote at its first start,
+``<data dir>/admin-token`` (``$EDGEFLEET_DATA_DIR``, default ``.edgefleet``, as the server's).
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +25,51 @@ import httpx
 from edgefleet.shared.errors import EdgefleetError, NotFoundError, TransferError
 
 DEFAULT_API_URL = "http://127.0.0.1:8700"
+TOKEN_ENV = "EDGEFLEET_TOKEN"
+TOKEN_FILE_ENV = "EDGEFLEET_TOKEN_FILE"
+DEFAULT_DATA_DIR = ".edgefleet"  # the server's default data dir (ServerSettings.data_dir)
+ADMIN_TOKEN_FILE = "admin-token"  # what the server writes there at its first start
+MAX_TOKEN_FILE_BYTES = 4096  # bytes: a token file is one short line
+_NO_TOKEN_HINT = (
+    "no API token was sent: export EDGEFLEET_TOKEN=<token> (a control plane's first start writes an "
+    "admin token to <data dir>/admin-token)"
+)
+
+
+def token_sources(env: Mapping[str, str] | None = None) -> list[Path]:
+    """The files :func:`resolve_token` reads, in order, for this environment."""
+    env = os.environ if env is None else env
+    files = [Path(env[TOKEN_FILE_ENV])] if env.get(TOKEN_FILE_ENV) else []
+    config_home = Path(env["XDG_CONFIG_HOME"]) if env.get("XDG_CONFIG_HOME") else Path.home() / ".config"
+    files.append(config_home / "edgefleet" / "token")
+    files.append(Path(env.get("EDGEFLEET_DATA_DIR") or DEFAULT_DATA_DIR) / ADMIN_TOKEN_FILE)
+    return files
+
+
+def resolve_token(token: str | None = None, *, env: Mapping[str, str] | None = None) -> str | None:
+    """The API token to send: the argument, ``$EDGEFLEET_TOKEN``, or the first readable token file.
+
+    Args:
+        token: A token given explicitly (wins over everything).
+        env: The environment to read (default: the process's).
+
+    Returns:
+        The token, or None if there is none anywhere (calls then get 401).
+    """
+    env = os.environ if env is None else env
+    if token:
+        return token.strip()
+    if env.get(TOKEN_ENV):
+        return env[TOKEN_ENV].strip()
+    for path in token_sources(env):
+        try:
+            with path.open("rb") as f:
+                text = f.read(MAX_TOKEN_FILE_BYTES).decode("utf-8", errors="replace").strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    return None
 
 
 class ApiError(EdgefleetError):
@@ -32,8 +85,12 @@ class ApiError(EdgefleetError):
 class EdgefleetClient:
     """Thin, typed wrapper over ``/api/v1``; errors become :class:`ApiError`."""
 
-    def __init__(self, base_url: str = DEFAULT_API_URL, *, timeout_s: float = 30.0) -> None:
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s)
+    def __init__(self, base_url: str = DEFAULT_API_URL, *, token: str | None = None, timeout_s: float = 30.0) -> None:
+        """Connect to the control plane at ``base_url`` with ``token`` (default: :func:`resolve_token`)."""
+        resolved = resolve_token(token)
+        headers = {"Authorization": f"Bearer {resolved}"} if resolved else {}
+        self._has_token = resolved is not None
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s, headers=headers)
 
     def __enter__(self) -> EdgefleetClient:
         return self
@@ -59,6 +116,8 @@ class EdgefleetClient:
                 detail = detail.get("message", detail)
             if response.status_code == 404:
                 raise NotFoundError(str(detail))
+            if response.status_code == 401 and not self._has_token:
+                detail = _NO_TOKEN_HINT
             raise ApiError(response.status_code, str(detail))
         return response.json() if response.content else None
 
@@ -133,6 +192,29 @@ class EdgefleetClient:
     def rotate_keyring(self, **changes: Any) -> dict[str, Any]:
         """Issue the next keyring version (publisher_keys, publisher_threshold, rotate_online, rotate_root)."""
         return self._call("POST", "/api/v1/trust/rotate", json=changes)
+
+    def create_token(self, *, name: str, role: str, expires_in_s: int | None = None) -> dict[str, Any]:
+        """Create an API token (admin); the answer's ``token`` is shown this once."""
+        return self._call("POST", "/api/v1/tokens", json={"name": name, "role": role, "expires_in_s": expires_in_s})
+
+    def tokens(self) -> list[dict[str, Any]]:
+        """Every API token, revoked and expired ones too (never the tokens themselves)."""
+        return self._call("GET", "/api/v1/tokens")
+
+    def revoke_token(self, token_id: int) -> dict[str, Any]:
+        """Revoke the API token ``token_id``."""
+        return self._call("DELETE", f"/api/v1/tokens/{token_id}")
+
+    def audit(
+        self, *, token_id: int | None = None, operation: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """The audit log, newest first (admin)."""
+        params: dict[str, Any] = {"limit": limit}
+        if token_id is not None:
+            params["token_id"] = token_id
+        if operation:
+            params["operation"] = operation
+        return self._call("GET", "/api/v1/audit", params=params)
 
     def devices(self) -> list[dict[str, Any]]:
         """Every known device."""

@@ -71,6 +71,7 @@ class HttpFetcher:
         *,
         limiter: BandwidthLimiter | None = None,
         transport: httpx.BaseTransport | None = None,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
         """Create a fetcher.
 
@@ -79,6 +80,9 @@ class HttpFetcher:
             config: Timeouts, retries, size limit, chunk size (the unit of recorded progress), cap.
             limiter: The device's bandwidth cap (shared with MQTT); default: one from ``config``.
             transport: httpx transport (tests); default: httpx's own.
+            credentials: The device's broker user name and password, sent as HTTP Basic to the
+                control plane (the origin of ``http_base_url``) only: its bundle route asks for a
+                credential, and other sources (a CDN, presigned S3 URLs) must never see them.
 
         Raises:
             ConfigError: ``http_base_url`` is not an http(s) URL, or ``prefer_http`` is set without it.
@@ -92,6 +96,8 @@ class HttpFetcher:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._config = config
         self._base = base.rstrip("/") if base else None
+        self._auth = httpx.BasicAuth(*credentials) if credentials is not None and self._base is not None else None
+        self._auth_origin = _origin(self._base) if self._base is not None else None
         self._limiter = limiter or BandwidthLimiter.for_transfer(config)
         self._transport = transport
         self._tls: ssl.SSLContext | None = None  # made once: loading the CA bundle costs 20-90 ms a time
@@ -217,7 +223,8 @@ class HttpFetcher:
         mark_next = run_start // download.chunk_size  # next chunk to record once fully written
         self.stats["requests"] += 1
         try:
-            with client.stream("GET", url, headers={"Range": f"bytes={start}-{end - 1}"}) as response:
+            auth = self._auth if _origin(url) == self._auth_origin else None
+            with client.stream("GET", url, headers={"Range": f"bytes={start}-{end - 1}"}, auth=auth) as response:
                 body_start, body_end = _body_span(response, start, end, size)
                 offset = body_start  # offset of the next byte of the body
                 for block in response.iter_bytes():
@@ -274,3 +281,10 @@ def _body_span(response: httpx.Response, start: int, end: int, size: int) -> tup
         return 0, size
     give_up = status in _GIVE_UP_STATUS or not (status >= 500 or status in _RETRY_STATUS)
     raise _AttemptFailed(f"HTTP {status}", position=start, give_up=give_up)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of ``url``, the port made explicit, to tell whether two URLs share an origin."""
+    parsed = httpx.URL(url)
+    port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
+    return parsed.scheme, parsed.host, port

@@ -1,9 +1,8 @@
 """What a route can ask for: the running control plane's parts and a database session.
 
 Dependency aliases in the full-stack-fastapi-template style: a route names ``SessionDep`` or
-``ControlPlaneDep`` as a parameter type and FastAPI provides it. Authentication (issue 8:
-tokens, roles, audit) attaches here, as one more alias (a ``PrincipalDep``) that routes
-declare, so that which route needs which role stays readable in the route's signature.
+``ControlPlaneDep`` as a parameter type and FastAPI provides it. Who may call a route is
+declared in the route's decorator, by :mod:`edgefleet.control_plane.api.access`.
 """
 
 from __future__ import annotations

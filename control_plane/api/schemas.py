@@ -17,17 +17,21 @@ from pydantic import Field as PydanticField
 from sqlmodel import Field, SQLModel
 
 from edgefleet.control_plane.db.tables import (
+    ApiToken,
     Assignment,
+    AuditEntry,
     Deployment,
     DeploymentBase,
     Device,
     ModelVersion,
     Shadow,
 )
+from edgefleet.control_plane.services.auth import Role
 from edgefleet.control_plane.services.publishing import manifest_of
 
 MAX_ENROLLMENT_TTL_S = 7 * 24 * 3600  # seconds
 MAX_PAGE = 10_000  # rows one list request may return
+MAX_TOKEN_TTL_S = 10 * 365 * 24 * 3600  # seconds: longer is "never", say so
 
 # --- errors and health -----------------------------------------------------------------------
 
@@ -243,6 +247,41 @@ class DeploymentPublic(DeploymentBase):
 # --- rows to answers -------------------------------------------------------------------------
 
 
+# --- tokens and audit ------------------------------------------------------------------------
+
+
+class TokenCreate(BaseModel):
+    name: str = PydanticField(min_length=1, max_length=64, description='What the token is for: "ci", "alice".')
+    role: Role
+    expires_in_s: int | None = PydanticField(
+        default=None, gt=0, le=MAX_TOKEN_TTL_S, description="Seconds until it expires; null: never."
+    )
+
+
+class TokenPublic(BaseModel):
+    id: int
+    name: str
+    role: Role
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class TokenCreated(TokenPublic):
+    token: str = PydanticField(description="The token itself: shown this once, only its hash is kept.")
+
+
+class AuditEntryPublic(BaseModel):
+    id: int
+    at: datetime
+    token_id: int | None = PydanticField(description="The API token that asked; null for a device or no token.")
+    actor: str
+    operation: str = PydanticField(description="The route's operation id, e.g. create_deployments.")
+    target: str = PydanticField(description="The object it acts on: path parameters, then body fields.")
+    status_code: int = PydanticField(description="The HTTP status it was answered with (the outcome).")
+
+
+
 def model_version_public(row: ModelVersion) -> ModelVersionPublic:
     """A model version with the signature and metadata from its signed manifest."""
     manifest = manifest_of(row)
@@ -316,3 +355,30 @@ def device_shadows_public(
             )
         )
     return rows
+
+
+def token_public(row: ApiToken) -> TokenPublic:
+    """A token row as the API shows it (never its hash)."""
+    assert row.id is not None
+    return TokenPublic(
+        id=row.id,
+        name=row.name,
+        role=Role(row.role),
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+def audit_entry_public(row: AuditEntry) -> AuditEntryPublic:
+    """An audit row as the API shows it."""
+    assert row.id is not None
+    return AuditEntryPublic(
+        id=row.id,
+        at=row.at,
+        token_id=row.token_id,
+        actor=row.actor,
+        operation=row.operation,
+        target=row.target,
+        status_code=row.status_code,
+    )

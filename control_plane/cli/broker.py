@@ -23,7 +23,7 @@ from edgefleet.control_plane.broker.config import (
     write_broker_config,
 )
 from edgefleet.control_plane.broker.mosquitto_conf import DeliveryLimits
-from edgefleet.control_plane.client import DEFAULT_API_URL
+from edgefleet.control_plane.client import DEFAULT_API_URL, resolve_token
 from edgefleet.shared.errors import ConfigError, EdgefleetError, TransferError
 
 app = typer.Typer(
@@ -215,13 +215,16 @@ def add_device(
 
 
 def fetch_device_ids(api_url: str) -> list[str]:
-    """Every device id the control plane knows, page by page (``GET /api/v1/devices``).
+    """Every device id the control plane knows, page by page (``GET /api/v1/devices``, with the
+    API token of :func:`edgefleet.control_plane.client.resolve_token`).
 
     Raises:
         TransferError: The control plane cannot be reached or answered with an error.
     """
     ids: list[str] = []
-    with httpx.Client(base_url=api_url.rstrip("/"), timeout=API_TIMEOUT_S) as http:
+    token = resolve_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.Client(base_url=api_url.rstrip("/"), timeout=API_TIMEOUT_S, headers=headers) as http:
         while True:
             try:
                 response = http.get("/api/v1/devices", params={"limit": API_PAGE_SIZE, "offset": len(ids)})

@@ -15,6 +15,8 @@ from rich.table import Table
 
 from edgefleet.control_plane.cli.broker import app as broker_app
 from edgefleet.control_plane.cli.db import app as db_app
+from edgefleet.control_plane.cli.tokens import app as tokens_app
+from edgefleet.control_plane.cli.tokens import audit as audit_command
 from edgefleet.control_plane.client import DEFAULT_API_URL, EdgefleetClient
 from edgefleet.shared.errors import EdgefleetError
 
@@ -31,6 +33,8 @@ app.add_typer(broker_app, name="broker")
 app.add_typer(db_app, name="db")
 keys_app = typer.Typer(help="Publisher keys and keyring rotation.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(tokens_app, name="tokens")
+app.command("audit")(audit_command)
 console = Console()
 
 ApiUrl = Annotated[str, typer.Option("--api-url", envvar="EDGEFLEET_API_URL", help="Control plane URL.")]

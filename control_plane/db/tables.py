@@ -13,6 +13,8 @@ Every change to these classes needs a migration in :mod:`edgefleet.control_plane
   inputs, never serving it (one row per device and model, kept once removed: see the class).
 - :class:`Deployment`: one request to put a version on a device, and how it ended.
 - :class:`DeviceEvent`: events as received, unique by ``event_id`` so ingest is idempotent.
+- :class:`ApiToken`: an API token (only its sha256 is stored) with its role, expiry, revocation.
+- :class:`AuditEntry`: one change asked of the API: who, what, when, and how it ended.
 
 Times the wire carries (desired-state issue/expiry, device timestamps) are unix seconds as
 floats, like the wire; bookkeeping times are timezone-aware UTC datetimes.
@@ -240,3 +242,30 @@ class Enrollment(SQLModel, table=True):
     created_at: datetime = Field(sa_type=UTCDateTime)
     expires_at: datetime = Field(sa_type=UTCDateTime)
     used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+# --- authentication and audit --------------------------------------------------------------
+
+
+class ApiToken(SQLModel, table=True):
+    """An API token: its sha256 (the clear text is shown once, at creation), role and lifetime."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    token_sha256: str = Field(unique=True, max_length=64)
+    name: str = Field(max_length=64)
+    role: str = Field(max_length=16)  # a Role value; a plain string so new roles need no migration
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # None: never
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class AuditEntry(SQLModel, table=True):
+    """One change asked of the API (allowed or refused), as the audit log keeps it."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(sa_type=UTCDateTime, index=True)
+    token_id: int | None = Field(default=None, index=True)  # None: no valid token (a device, or refused)
+    actor: str = Field(max_length=160)  # "token 3 (ci)", "device pi-01", "anonymous"
+    operation: str = Field(max_length=64)  # the route's operation, e.g. "create_deployments"
+    target: str = Field(default="", sa_type=Text)  # the object it acts on, e.g. "device=pi-01"
+    status_code: int  # the HTTP status it was answered with: the outcome

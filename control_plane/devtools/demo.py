@@ -19,6 +19,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from edgefleet.control_plane.client import ADMIN_TOKEN_FILE
 from edgefleet.control_plane.devtools.demo_models import INPUT_NAME, OUTPUT_NAME, make_mlp_weights, write_demo_models
 from edgefleet.control_plane.devtools.local_fleet import LocalFleet
 from edgefleet.shared.errors import EdgefleetError
@@ -77,6 +78,14 @@ def _run(workdir: Path, n_agents: int, console: Console, embedded_broker: str) -
         console.print(
             f"[green]✓[/green] control plane {fleet.api_url}, {broker['kind']} broker on "
             f"{broker['host']}:{broker['port']}"
+        )
+        with httpx.Client(timeout=10.0) as anonymous:
+            refused = anonymous.get(f"{fleet.api_url}/api/v1/devices").status_code
+        if refused != 401:
+            failures.append(f"the API answered a call without a token with {refused}, not 401")
+        console.print(
+            f"[green]✓[/green] the API refuses calls without a token ({refused}); the demo uses the admin "
+            f"token the first start wrote to {fleet.control_plane_dir / ADMIN_TOKEN_FILE}"
         )
 
         paths = write_demo_models(workdir / "models")

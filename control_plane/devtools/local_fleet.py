@@ -2,6 +2,8 @@
 
 Each process runs in its own session so a stop can reach its children too (the embedded
 broker is a child of the control plane); nothing is left behind, even after a failure.
+The fleet calls the API with the admin token the control plane writes at its first start
+(``<data dir>/admin-token``): :attr:`LocalFleet.api_token`, and :meth:`LocalFleet.client`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import httpx
 
 from edgefleet.control_plane.broker.embedded import free_port
-from edgefleet.control_plane.client import EdgefleetClient
+from edgefleet.control_plane.client import ADMIN_TOKEN_FILE, EdgefleetClient
 from edgefleet.control_plane.devtools.agent_toml import agent_toml
 from edgefleet.shared.errors import EdgefleetError
 
@@ -130,6 +132,20 @@ class LocalFleet:
     api_url: str = ""
     agents: dict[str, AgentProcess] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # type: ignore[type-arg]
+    api_token: str = ""  # the control plane's first-start admin token, read from its data dir
+
+    @property
+    def control_plane_dir(self) -> Path:
+        """The control plane's data dir."""
+        return self.workdir / "control-plane"
+
+    def client(self) -> EdgefleetClient:
+        """A new SDK client for the control plane, with the admin token (the caller closes it)."""
+        return EdgefleetClient(self.api_url, token=self.api_token or None)
+
+    def auth_headers(self) -> dict[str, str]:
+        """The ``Authorization`` header for raw HTTP calls to the API (as admin)."""
+        return {"Authorization": f"Bearer {self.api_token}"}
 
     def start_control_plane(self, timeout_s: float = 30.0) -> EdgefleetClient:
         """Start ``edgefleet server`` and wait until it answers; return a client for it."""
@@ -140,7 +156,7 @@ class LocalFleet:
             "edgefleet.control_plane",
             "server",
             "--data-dir",
-            str(self.workdir / "control-plane"),
+            str(self.control_plane_dir),
             "--port",
             str(port),
             "--log-level",
@@ -162,12 +178,18 @@ class LocalFleet:
         env = {name: value for name, value in credentials.items() if value is not None}
         self.control_plane = spawn("control-plane", args, self.workdir / "logs" / "control-plane.log", env=env)
         self.api_url = f"http://127.0.0.1:{port}"
-        client = EdgefleetClient(self.api_url)
+        probe = EdgefleetClient(self.api_url)  # /healthz needs no token
         deadline = time.monotonic() + timeout_s
-        while not client.healthy():
-            if not self.control_plane.alive or time.monotonic() > deadline:
-                raise FleetError(f"control plane did not start:\n{self.control_plane.log_tail()}")
-            time.sleep(0.1)
+        try:
+            while not probe.healthy():
+                if not self.control_plane.alive or time.monotonic() > deadline:
+                    raise FleetError(f"control plane did not start:\n{self.control_plane.log_tail()}")
+                time.sleep(0.1)
+        finally:
+            probe.close()
+        # Written before the API answers (the first start makes it before serving).
+        self.api_token = (self.control_plane_dir / ADMIN_TOKEN_FILE).read_text().strip()
+        client = self.client()
         self.info = client.info()
         return client
 
@@ -197,11 +219,15 @@ class LocalFleet:
             FleetError: The enrollment failed (its output is in the message).
         """
         api_port = free_port()
-        client = EdgefleetClient(self.api_url)
+        client = self.client()
         try:
             token = client.create_enrollment(device_id)["token"]
         finally:
             client.close()
+        transfer_table: dict[str, Any] = {"chunk_size_bytes": chunk_size_bytes} if transfer is None else dict(transfer)
+        if self.bundle_urls:
+            # The agent sends its credentials to the control plane's origin only (agent.transfer.http).
+            transfer_table.setdefault("http_base_url", self.api_url)
         folder = self.workdir / "agents" / device_id
         folder.mkdir(parents=True, exist_ok=True)
         template = folder / "agent.template.toml"
@@ -213,7 +239,7 @@ class LocalFleet:
                     "heartbeat_interval_s": heartbeat_interval_s,
                     "broker": self.agent_brokers.get(device_id) or {"reconnect_min_s": 1.0, "reconnect_max_s": 2.0},
                     "api": {"port": api_port},
-                    "transfer": dict(transfer) if transfer is not None else {"chunk_size_bytes": chunk_size_bytes},
+                    "transfer": transfer_table,
                 }
             )
         )

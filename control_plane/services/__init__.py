@@ -6,10 +6,11 @@
 - :mod:`.enrollment`: one-time tokens, and the broker credentials a token buys once.
 - :mod:`.keyring`: the keyring's versions and keys, and their rotation.
 - :mod:`.devices`, :mod:`.catalog`, :mod:`.deployments`, :mod:`.shadows`: reading them back.
+- :mod:`.auth`: API tokens (stored hashed) and their roles; :mod:`.audit`: the audit log.
 - :mod:`.keys`: the keys the control plane holds; :mod:`.signing_local`: signing a bundle on the
   publisher's side (CI, a laptop) so the key never reaches the control plane.
 
 A service takes a database session and values (time passed in as ``now``), and raises errors
 from the one tree in :mod:`edgefleet.shared.errors`; it knows nothing of HTTP. Rollouts (waves
-over deployments), telemetry and audit (issue 8) are new modules here beside these.
+over deployments) and telemetry are new modules here beside these.
 """

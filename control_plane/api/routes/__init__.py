@@ -5,8 +5,9 @@ shapes the answer (``api/schemas.py``); no business rule lives here.
 
 Where the next features attach:
 
-- auth (issue 8: tokens, roles, audit): a principal dependency in ``api/deps.py`` that routes
-  declare, and an ``audit`` service the write routes' services call;
+- who may call a route: each declares one access rule in its decorator
+  (``dependencies=[require(Role.X)]``, :mod:`edgefleet.control_plane.api.access`); every change
+  is audited by :mod:`edgefleet.control_plane.api.auditing`;
 - rollouts, telemetry, the dashboard: one new module here each (``rollouts.py``,
   ``telemetry.py``, ...) over its own service, added to :data:`ROUTERS`.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from edgefleet.control_plane.api.routes import (
+    audit,
     bundles,
     deployments,
     devices,
@@ -24,6 +26,7 @@ from edgefleet.control_plane.api.routes import (
     keyring,
     models,
     shadows,
+    tokens,
 )
 
 ROUTERS: tuple[APIRouter, ...] = (
@@ -36,4 +39,6 @@ ROUTERS: tuple[APIRouter, ...] = (
     deployments.router,
     shadows.router,
     keyring.router,
+    tokens.router,
+    audit.router,
 )

@@ -9,11 +9,14 @@ from fastapi.responses import FileResponse
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from edgefleet.control_plane.api.access import device_or, require
+from edgefleet.control_plane.api.auditing import audit_target
 from edgefleet.control_plane.api.deps import ControlPlane, ControlPlaneDep
 from edgefleet.control_plane.api.errors import error_responses
 from edgefleet.control_plane.api.schemas import ModelVersionPublic, model_version_public
 from edgefleet.control_plane.api.uploads import receive_body
 from edgefleet.control_plane.bundles.store import normalize_digest
+from edgefleet.control_plane.services.auth import Role
 from edgefleet.control_plane.services.publishing import register_bundle
 from edgefleet.shared.errors import NotFoundError
 
@@ -24,6 +27,7 @@ BUNDLE_MEDIA_TYPE = "application/x-tar"
 
 @router.get(
     "/bundles/{digest}",
+    dependencies=[device_or(Role.VIEWER)],
     response_class=FileResponse,
     responses={
         200: {"content": {BUNDLE_MEDIA_TYPE: {}}, "description": "The bundle (a signed tar)."},
@@ -48,6 +52,7 @@ def download_bundle(digest: str, cp: ControlPlaneDep) -> FileResponse:
 
 @router.post(
     "/bundles",
+    dependencies=[require(Role.PUBLISHER)],
     response_model=ModelVersionPublic,
     status_code=status.HTTP_201_CREATED,
     responses=error_responses(400, 409, 413),
@@ -63,7 +68,9 @@ async def upload_bundle(request: Request, cp: ControlPlaneDep) -> ModelVersionPu
     tmp = cp.store.new_temp_path(".bundle-upload")
     try:
         await receive_body(request, tmp, max_bytes=cp.settings.max_upload_bytes, what="the bundle")
-        return await run_in_threadpool(_register, cp, tmp)
+        registered = await run_in_threadpool(_register, cp, tmp)
+        audit_target(request, f"model={registered.name} version={registered.version}")
+        return registered
     finally:
         tmp.unlink(missing_ok=True)
 

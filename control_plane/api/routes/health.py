@@ -6,20 +6,22 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter
 
+from edgefleet.control_plane.api.access import public, require
 from edgefleet.control_plane.api.deps import ControlPlaneDep
 from edgefleet.control_plane.api.schemas import BrokerAddress, Health, Info, PublicKeys
+from edgefleet.control_plane.services.auth import Role
 
 health_router = APIRouter(tags=["health"])
 router = APIRouter(prefix="/api/v1", tags=["info"])
 
 
-@health_router.get("/healthz", response_model=Health)
+@health_router.get("/healthz", dependencies=[public()], response_model=Health)
 def healthz(cp: ControlPlaneDep) -> Health:
     """Liveness: the process answers; ``broker_connected`` says whether MQTT is up."""
     return Health(status="ok", broker_connected=cp.bridge.connected)
 
 
-@router.get("/info", response_model=Info)
+@router.get("/info", dependencies=[require(Role.VIEWER)], response_model=Info)
 def info(cp: ControlPlaneDep) -> Info:
     """Server version, the broker agents connect to, and the public keys they pin at enrollment."""
     current = cp.keyring.current

@@ -11,10 +11,13 @@ from fastapi import APIRouter, Request, status
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from edgefleet.control_plane.api.access import require
+from edgefleet.control_plane.api.auditing import audit_target
 from edgefleet.control_plane.api.deps import ControlPlane, ControlPlaneDep, SessionDep
 from edgefleet.control_plane.api.errors import error_responses
 from edgefleet.control_plane.api.schemas import ModelVersionPublic, model_version_public
 from edgefleet.control_plane.api.uploads import FILE_FIELD, FormLimits, receive_upload
+from edgefleet.control_plane.services.auth import Role
 from edgefleet.control_plane.services.catalog import get_model_version, list_model_versions
 from edgefleet.control_plane.services.publishing import infer_runtime, publish_model
 from edgefleet.shared.errors import MessageError
@@ -53,6 +56,7 @@ _UPLOAD_BODY = {
 
 @router.post(
     "/models",
+    dependencies=[require(Role.PUBLISHER)],
     response_model=ModelVersionPublic,
     status_code=status.HTTP_201_CREATED,
     responses=error_responses(400, 409, 413),
@@ -80,6 +84,7 @@ async def upload_model(request: Request, cp: ControlPlaneDep) -> ModelVersionPub
             if not fields.get(required):
                 raise MessageError(f"the form field {required!r} is required")
         runtime = fields.get("runtime") or infer_runtime(upload.filename)
+        audit_target(request, f"model={fields['name']} version={fields['version']}")
         options = _PublishOptions(
             filename=upload.filename,
             description=fields.get("description", ""),
@@ -126,13 +131,18 @@ def _publish(
         return model_version_public(row)
 
 
-@router.get("/models", response_model=list[ModelVersionPublic])
+@router.get("/models", dependencies=[require(Role.VIEWER)], response_model=list[ModelVersionPublic])
 def list_models(session: SessionDep, name: str | None = None) -> list[ModelVersionPublic]:
     """Every published model version (optionally of one model), by name then age."""
     return [model_version_public(row) for row in list_model_versions(session, name=name)]
 
 
-@router.get("/models/{name}/versions/{version}", response_model=ModelVersionPublic, responses=error_responses(404))
+@router.get(
+    "/models/{name}/versions/{version}",
+    dependencies=[require(Role.VIEWER)],
+    response_model=ModelVersionPublic,
+    responses=error_responses(404),
+)
 def get_model(name: str, version: str, session: SessionDep) -> ModelVersionPublic:
     """One published model version."""
     return model_version_public(get_model_version(session, name, version))

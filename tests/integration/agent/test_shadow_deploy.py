@@ -9,6 +9,7 @@ models directly on the same inputs; the answers the agent's v2 API gave must be 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -104,7 +105,10 @@ def env(tmp_path_factory: pytest.TempPathFactory, mosquitto: MosquittoBroker) ->
             client.push_model(path, name=MODEL, version=version)
         deployed = client.wait_for_deployments([d["id"] for d in client.deploy(MODEL, "1.0.0", devices=[DEVICE])])
         assert [d["status"] for d in deployed] == ["succeeded"]
-        with httpx.Client(base_url=fleet.api_url, timeout=10) as http, httpx.Client(timeout=10) as agent_http:
+        with (
+            httpx.Client(base_url=fleet.api_url, timeout=10, headers=fleet.auth_headers()) as http,
+            httpx.Client(timeout=10) as agent_http,
+        ):
             yield Fleet(fleet=fleet, client=client, http=http, agent_http=agent_http, paths=paths)
     finally:
         codes = fleet.stop()
@@ -282,6 +286,7 @@ def test_deploying_the_shadowed_version_promotes_it_and_drops_the_shadow(env: Fl
         text=True,
         timeout=60,
         check=False,
+        env={**os.environ, "EDGEFLEET_TOKEN": env.fleet.api_token},
     )
     assert cli.returncode == 0, cli.stdout + cli.stderr
     rows = json.loads(cli.stdout)

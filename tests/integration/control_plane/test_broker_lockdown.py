@@ -552,6 +552,7 @@ def test_control_plane_and_agent_deploy_and_serve_over_tls_with_passwords_and_cl
                 "--persistence-dir", spec.persistence_dir,
                 *(["--run-as-user", spec.run_as_user] if spec.run_as_user else []),
             ],
+            env={"EDGEFLEET_TOKEN": fleet.api_token},
         )  # fmt: skip
         assert cli.exit_code == 0, cli.output
         assert "kept client certificates" in cli.output and device in cli.output

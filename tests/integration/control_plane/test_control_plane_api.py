@@ -31,6 +31,7 @@ from fastapi import FastAPI
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import text
 from sqlmodel import SQLModel
+from support.auth import admin_headers
 
 from edgefleet.control_plane.app import create_app
 from edgefleet.control_plane.broker.embedded import MosquittoBroker, free_port
@@ -112,7 +113,8 @@ def server(mosquitto: MosquittoBroker, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture
 def api(server: RunningServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+    headers = admin_headers(server.settings.data_dir)
+    with httpx.Client(base_url=server.base_url, timeout=30, headers=headers) as client:
         yield client
 
 
@@ -584,9 +586,10 @@ def test_a_database_from_before_migrations_is_upgraded_when_the_control_plane_st
     uv, thread, base_url = _serve(create_app(settings))
     try:
         assert current_revision(engine) == head_revision()
-        device = httpx.get(f"{base_url}/api/v1/devices/old-device").json()
+        headers = admin_headers(data_dir)
+        device = httpx.get(f"{base_url}/api/v1/devices/old-device", headers=headers).json()
         assert (device["id"], device["created_at"]) == ("old-device", "2026-11-01T00:00:00Z")
-        assert httpx.get(f"{base_url}/api/v1/shadows").json() == []
+        assert httpx.get(f"{base_url}/api/v1/shadows", headers=headers).json() == []
     finally:
         uv.should_exit = True
         thread.join(timeout=30)
@@ -600,7 +603,7 @@ def test_without_a_broker_host_the_app_starts_and_stops_its_own(tmp_path: Path) 
     app = create_app(ServerSettings(data_dir=tmp_path / "cp"))
     uv, thread, base_url = _serve(app)
     try:
-        info = httpx.get(f"{base_url}/api/v1/info").json()
+        info = httpx.get(f"{base_url}/api/v1/info", headers=admin_headers(tmp_path / "cp")).json()
         host, port = info["broker"]["host"], info["broker"]["port"]
         assert (host, port) == (app.state.broker_host, app.state.broker_port)
         assert info["broker"]["kind"] in ("mosquitto", "amqtt")

@@ -73,7 +73,7 @@ def _push_with_key(
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", "EDGEFLEET_TOKEN": fleet.api_token},
     )
 
 

@@ -382,3 +382,31 @@ def test_sources_are_the_directive_urls_then_the_control_plane_when_preferred(do
 def test_bad_http_settings_are_config_errors(downloads: Path, config: TransferConfig, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         HttpFetcher(downloads, config)
+
+
+@pytest.mark.parametrize(
+    ("url", "sends"),
+    [
+        ("http://cp:8700/api/v1/bundles/x", True),
+        ("http://cp:8700/other/path", True),  # the origin decides, not the path
+        ("http://cp:8701/api/v1/bundles/x", False),  # another port is another origin
+        ("https://cp:8700/api/v1/bundles/x", False),
+        ("https://cdn.example/bundle?signature=abc", False),  # a CDN or presigned URL never sees them
+    ],
+)
+def test_device_credentials_go_to_the_control_planes_origin_only(tmp_path: Path, url: str, sends: bool) -> None:
+    seen: list[str | None] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200, content=BLOB)
+
+    fetcher = HttpFetcher(
+        tmp_path / "downloads",
+        TransferConfig(chunk_size_bytes=CHUNK, http_base_url="http://cp:8700"),
+        transport=httpx.MockTransport(answer),
+        credentials=("pi-01", "s3cret"),
+    )
+    assert fetcher.fetch(DIGEST, len(BLOB), [url], threading.Event()).read_bytes() == BLOB
+    expected = httpx.BasicAuth("pi-01", "s3cret")._auth_header if sends else None
+    assert seen == [expected]

@@ -1,0 +1,109 @@
+"""``edgefleet tokens`` and ``edgefleet audit``: API tokens (create, list, revoke) and the audit log.
+
+Both need an admin token (``$EDGEFLEET_TOKEN``, a token file: see
+:func:`edgefleet.control_plane.client.resolve_token`). A new token is printed once, alone on
+stdout, so ``TOKEN=$(edgefleet tokens create ... --quiet)`` captures it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgefleet.control_plane.client import DEFAULT_API_URL, EdgefleetClient
+from edgefleet.shared.errors import EdgefleetError
+
+app = typer.Typer(help="API tokens: create (shown once), list, revoke. Needs an admin token.", no_args_is_help=True)
+console = Console(stderr=True)  # messages; stdout carries only what a script reads
+
+ApiUrl = Annotated[str, typer.Option("--api-url", envvar="EDGEFLEET_API_URL", help="Control plane URL.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+ROLES = ("viewer", "operator", "publisher", "admin")
+
+
+def _fail(exc: EdgefleetError) -> typer.Exit:
+    console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+    return typer.Exit(1)
+
+
+def _print(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    Console().print(table)
+
+
+@app.command("create")
+def create(
+    role: Annotated[str, typer.Option(help=f"What the token may do: one of {', '.join(ROLES)}.")],
+    name: Annotated[str, typer.Option(help='What it is for: "ci", "alice".')],
+    expires_in: Annotated[
+        int | None, typer.Option("--expires-in", help="Seconds until it expires; default never.", min=1)
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the token.")] = False,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    as_json: AsJson = False,
+) -> None:
+    """Create an API token; it is printed this once (only its hash is kept)."""
+    if role not in ROLES:
+        raise _fail(EdgefleetError(f"--role must be one of {', '.join(ROLES)}"))
+    try:
+        with EdgefleetClient(api_url) as client:
+            created = client.create_token(name=name, role=role, expires_in_s=expires_in)
+    except EdgefleetError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        typer.echo(json.dumps(created, indent=2))
+        return
+    if not quiet:
+        expiry = created["expires_at"] or "never"
+        console.print(f"token {created['id']} ({created['name']}, {created['role']}, expires {expiry}), shown once:")
+    typer.echo(created["token"])
+
+
+@app.command("list")
+def list_(api_url: ApiUrl = DEFAULT_API_URL, as_json: AsJson = False) -> None:
+    """List every token (never the tokens themselves), revoked and expired ones too."""
+    try:
+        with EdgefleetClient(api_url) as client:
+            rows = client.tokens()
+    except EdgefleetError as exc:
+        raise _fail(exc) from exc
+    _print(rows, ["id", "name", "role", "created_at", "expires_at", "revoked_at"], as_json)
+
+
+@app.command("revoke")
+def revoke(
+    token_id: Annotated[int, typer.Argument(help="The token's id (`edgefleet tokens list`).")],
+    api_url: ApiUrl = DEFAULT_API_URL,
+) -> None:
+    """Revoke a token: from now on it gets 401."""
+    try:
+        with EdgefleetClient(api_url) as client:
+            row = client.revoke_token(token_id)
+    except EdgefleetError as exc:
+        raise _fail(exc) from exc
+    console.print(f"token {row['id']} ({row['name']}) revoked at {row['revoked_at']}")
+
+
+def audit(
+    token_id: Annotated[int | None, typer.Option(help="Only what this token asked for.")] = None,
+    operation: Annotated[str | None, typer.Option(help="Only this operation, e.g. create_deployments.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many entries.", min=1)] = 100,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    as_json: AsJson = False,
+) -> None:
+    """Show the audit log, newest first: who asked for which change, when, and how it ended."""
+    try:
+        with EdgefleetClient(api_url) as client:
+            rows = client.audit(token_id=token_id, operation=operation, limit=limit)
+    except EdgefleetError as exc:
+        raise _fail(exc) from exc
+    _print(rows, ["id", "at", "actor", "operation", "target", "status_code"], as_json)
