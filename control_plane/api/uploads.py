@@ -8,6 +8,8 @@ file part goes straight to a temp file and the upload is refused (413) the momen
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -33,12 +35,16 @@ class FormLimits:
 
 @dataclass
 class ReceivedUpload:
-    """A parsed upload: the text fields and the file, saved at ``path``."""
+    """A parsed upload: the text fields and the file, saved at ``path``.
+
+    ``attachments`` maps each optional file field that was sent to the file name the client gave.
+    """
 
     path: Path
     filename: str = ""
     size: int = 0
     fields: dict[str, str] = field(default_factory=dict)
+    attachments: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -46,16 +52,27 @@ class _Part:
     headers: dict[bytes, bytes] = field(default_factory=dict)
     name: str = ""
     is_file: bool = False
+    sink: BinaryIO | None = None
+    size: int = 0
     data: bytearray = field(default_factory=bytearray)
 
 
 class _FormReader:
-    """python-multipart callbacks: text fields in memory, the one file part into ``sink``."""
+    """python-multipart callbacks: text fields in memory, the file part into ``sink``, each
+    attachment (an optional file field) into its own sink."""
 
-    def __init__(self, upload: ReceivedUpload, sink: BinaryIO, max_file_bytes: int, limits: FormLimits) -> None:
+    def __init__(
+        self,
+        upload: ReceivedUpload,
+        sink: BinaryIO,
+        max_file_bytes: int,
+        limits: FormLimits,
+        attachment_sinks: Mapping[str, BinaryIO],
+    ) -> None:
         self._limits = limits
         self._upload = upload
         self._sink = sink
+        self._attachment_sinks = attachment_sinks
         self._max_file_bytes = max_file_bytes
         self._part = _Part()
         self._header_field = bytearray()
@@ -87,22 +104,33 @@ class _FormReader:
             raise MessageError("a form part has no Content-Disposition name")
         self._part.name = options[b"name"].decode("utf-8", "replace")
         if b"filename" in options:
-            if self._part.name != FILE_FIELD or self.have_file:
-                raise MessageError(f"send exactly one file, in the form field {FILE_FIELD!r}")
+            filename = options[b"filename"].decode("utf-8", "replace")
             self._part.is_file = True
-            self.have_file = True
-            self._upload.filename = options[b"filename"].decode("utf-8", "replace")
-        elif self._part.name == FILE_FIELD:
+            if self._part.name == FILE_FIELD and not self.have_file:
+                self.have_file = True
+                self._upload.filename = filename
+                self._part.sink = self._sink
+            elif self._part.name in self._attachment_sinks and self._part.name not in self._upload.attachments:
+                self._upload.attachments[self._part.name] = filename
+                self._part.sink = self._attachment_sinks[self._part.name]
+            else:
+                optional = sorted(self._attachment_sinks)
+                also = f", and at most one in each of {optional}" if optional else ""
+                raise MessageError(f"send exactly one file, in the form field {FILE_FIELD!r}{also}")
+        elif self._part.name == FILE_FIELD or self._part.name in self._attachment_sinks:
             raise MessageError(f"the form field {FILE_FIELD!r} must be a file upload (with a filename)")
         elif self._part.name in self._upload.fields:
             raise MessageError(f"the form field {self._part.name!r} appears twice")
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._part.is_file:
-            self._upload.size += end - start
-            if self._upload.size > self._max_file_bytes:
-                raise TooLargeError(f"the model file is over the {self._max_file_bytes}-byte upload limit")
-            self._sink.write(data[start:end])
+        if self._part.sink is not None:
+            self._part.size += end - start
+            if self._part.sink is self._sink:
+                self._upload.size = self._part.size
+            if self._part.size > self._max_file_bytes:
+                what = "the model file" if self._part.sink is self._sink else f"the file {self._part.name!r}"
+                raise TooLargeError(f"{what} is over the {self._max_file_bytes}-byte upload limit")
+            self._part.sink.write(data[start:end])
             return
         self._part.data += data[start:end]
         if len(self._part.data) > self._limits.max_field_bytes:
@@ -120,7 +148,12 @@ class _FormReader:
 
 
 async def receive_upload(
-    request: Request, dest: Path, *, max_file_bytes: int, limits: FormLimits | None = None
+    request: Request,
+    dest: Path,
+    *,
+    max_file_bytes: int,
+    limits: FormLimits | None = None,
+    attachments: Mapping[str, Path] | None = None,
 ) -> ReceivedUpload:
     """Parse a ``multipart/form-data`` request, writing its file part to ``dest``.
 
@@ -129,6 +162,8 @@ async def receive_upload(
         dest: Where to write the file; the caller removes it on error.
         max_file_bytes: Largest file accepted.
         limits: The form's other limits (defaults: :class:`FormLimits`).
+        attachments: Optional file fields besides the file, each with where to write it (the
+            caller removes them); each is bounded by ``max_file_bytes`` too.
 
     Returns:
         The fields and file details.
@@ -147,8 +182,9 @@ async def receive_upload(
         raise TooLargeError(f"the upload is {declared} bytes; the limit is {max_file_bytes} bytes for the model file")
 
     upload = ReceivedUpload(path=dest)
-    with dest.open("wb") as sink:
-        reader = _FormReader(upload, sink, max_file_bytes, limits)
+    with dest.open("wb") as sink, contextlib.ExitStack() as stack:
+        attachment_sinks = {name: stack.enter_context(path.open("wb")) for name, path in (attachments or {}).items()}
+        reader = _FormReader(upload, sink, max_file_bytes, limits, attachment_sinks)
         parser = MultipartParser(
             params[b"boundary"],
             {

@@ -24,6 +24,7 @@ from edgefleet.shared.errors import MessageError
 
 router = APIRouter(prefix="/api/v1", tags=["models"])
 
+HEALTH_INPUTS_FIELD = "health_inputs"
 _UPLOAD_FIELDS = {"name", "version", "runtime", "description", "labels", "min_version", "latency_budget_ms"}
 _UPLOAD_BODY = {
     "requestBody": {
@@ -41,6 +42,9 @@ _UPLOAD_BODY = {
                                     "description": "Default: from the file's extension."},
                         "description": {"type": "string"},
                         "labels": {"type": "string", "description": 'A JSON object of strings, e.g. {"team": "cv"}.'},
+                        HEALTH_INPUTS_FIELD: {"type": "string", "format": "binary",
+                                              "description": "An .npz of sample inputs (one array per model "
+                                                             "input) for the device's health check."},
                         "min_version": {"type": "string",
                                         "description": "Devices that install this version refuse versions below this."},
                         "latency_budget_ms": {"type": "number", "exclusiveMinimum": 0,
@@ -69,13 +73,20 @@ async def upload_model(request: Request, cp: ControlPlaneDep) -> ModelVersionPub
     version (201 as well); different bytes under an existing name and version is a 409.
     """
     tmp = cp.store.new_temp_path(".upload")
+    health_inputs = cp.store.new_temp_path(".npz")
     try:
         limits = FormLimits(
             max_field_bytes=cp.settings.upload_max_field_bytes,
             max_parts_count=cp.settings.upload_max_parts_count,
             overhead_bytes=cp.settings.upload_form_overhead_bytes,
         )
-        upload = await receive_upload(request, tmp, max_file_bytes=cp.settings.max_upload_bytes, limits=limits)
+        upload = await receive_upload(
+            request,
+            tmp,
+            max_file_bytes=cp.settings.max_upload_bytes,
+            limits=limits,
+            attachments={HEALTH_INPUTS_FIELD: health_inputs},
+        )
         fields = upload.fields
         unknown = sorted(set(fields) - _UPLOAD_FIELDS)
         if unknown:
@@ -91,11 +102,14 @@ async def upload_model(request: Request, cp: ControlPlaneDep) -> ModelVersionPub
             labels=_parse_labels(fields.get("labels", "")),
             min_version=fields.get("min_version") or None,
             latency_budget_ms=_parse_budget(fields.get("latency_budget_ms", "")),
+            health_inputs=health_inputs if HEALTH_INPUTS_FIELD in upload.attachments else None,
+            health_inputs_filename=upload.attachments.get(HEALTH_INPUTS_FIELD),
         )
         # Checking and signing the model is blocking work: off the event loop.
         return await run_in_threadpool(_publish, cp, tmp, fields["name"], fields["version"], runtime, options)
     finally:
         tmp.unlink(missing_ok=True)
+        health_inputs.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +121,8 @@ class _PublishOptions:
     labels: dict[str, str]
     min_version: str | None
     latency_budget_ms: float | None
+    health_inputs: Path | None
+    health_inputs_filename: str | None
 
 
 def _publish(
@@ -127,6 +143,8 @@ def _publish(
             filename=options.filename,
             min_version=options.min_version,
             latency_budget_ms=options.latency_budget_ms,
+            health_inputs=options.health_inputs,
+            health_inputs_filename=options.health_inputs_filename,
         )
         return model_version_public(row)
 

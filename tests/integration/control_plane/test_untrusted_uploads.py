@@ -7,6 +7,7 @@ server with SIGSEGV, which in a thread would have killed the test run with it.
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import time
@@ -17,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+from support.auth import admin_headers, admin_token
 from support.hostile_models import empty_tflite
 
 from edgefleet.control_plane.broker.embedded import MosquittoBroker, free_port
 from edgefleet.control_plane.devtools.demo_models import build_onnx_mlp, make_mlp_weights
+from edgefleet.control_plane.services.publishing import HEALTH_INPUTS_FILE
 from edgefleet.shared.bundle.format import verify_bundle
 from edgefleet.shared.bundle.manifest import Manifest
 from edgefleet.shared.trust.signing import key_id, public_key_from_hex
@@ -73,14 +77,18 @@ def server(mosquitto: MosquittoBroker, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture
 def api(server: ServerProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.base_url, timeout=60) as client:
+    with httpx.Client(base_url=server.base_url, timeout=60, headers=admin_headers(server.data_dir)) as client:
         yield client
 
 
-def _environ() -> dict[str, str]:
+def _environ(server: ServerProcess | None = None) -> dict[str, str]:
+    """This process's environment without EDGEFLEET_* variables, plus the server's admin token."""
     import os
 
-    return {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+    if server is not None:
+        env["EDGEFLEET_TOKEN"] = admin_token(server.data_dir)
+    return env
 
 
 def _answers(base_url: str) -> bool:
@@ -169,10 +177,66 @@ def test_models_push_without_a_key_sends_the_floor_and_the_budget(
         [str(Path(sys.executable).parent / "edgefleet"), "models", "push", str(model), "--name", name,
          "--version", "1.2.0", "--min-version", "1.0.0", "--latency-budget-ms", "40", "--json",
          "--api-url", server.base_url],
-        capture_output=True, text=True, timeout=120, env=_environ(),
+        capture_output=True, text=True, timeout=120, env=_environ(server),
     )
 
     assert done.returncode == 0, done.stdout + done.stderr
     body = api.get(f"/api/v1/models/{name}/versions/1.2.0").json()
     manifest = _manifest(api, body, tmp_path)
     assert (manifest.min_version, manifest.latency_budget_ms) == ("1.0.0", 40.0)
+
+
+def test_the_upload_api_takes_health_inputs(api: httpx.Client, tmp_path: Path) -> None:
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, input=np.full((2, 32), 0.5, np.float32))
+    data = build_onnx_mlp(make_mlp_weights(seed=8))
+
+    response = api.post(
+        "/api/v1/models",
+        data={"name": f"h-{uuid.uuid4().hex[:8]}", "version": "1.0.0"},
+        files={"file": ("m.onnx", data), "health_inputs": ("samples.npz", samples.read_bytes())},
+    )
+
+    assert response.status_code == 201, response.text
+    manifest = _manifest(api, response.json(), tmp_path)
+    assert manifest.health_inputs == HEALTH_INPUTS_FILE
+    assert manifest.file(HEALTH_INPUTS_FILE).sha256 == hashlib.sha256(samples.read_bytes()).hexdigest()
+
+
+def test_health_inputs_that_do_not_fit_the_model_are_a_400_naming_the_users_file(
+    api: httpx.Client, server: ServerProcess, tmp_path: Path
+) -> None:
+    samples = tmp_path / "wrong.npz"
+    np.savez(samples, image=np.zeros((1, 3), np.float32))
+
+    response = api.post(
+        "/api/v1/models",
+        data={"name": f"h-{uuid.uuid4().hex[:8]}", "version": "1.0.0"},
+        files={"file": ("m.onnx", build_onnx_mlp(make_mlp_weights(seed=9))),
+               "health_inputs": ("wrong.npz", samples.read_bytes())},
+    )
+
+    assert response.status_code == 400, response.text
+    message = response.json()["detail"]["message"]
+    assert "wrong.npz" in message and "the model's inputs are ['input']" in message
+    _assert_no_server_path(message, server)
+
+
+def test_models_push_without_a_key_sends_the_health_inputs(
+    server: ServerProcess, api: httpx.Client, tmp_path: Path
+) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(build_onnx_mlp(make_mlp_weights(seed=10)))
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, input=np.ones((1, 32), np.float32))
+    name = f"pushed-{uuid.uuid4().hex[:8]}"
+
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "edgefleet"), "models", "push", str(model), "--name", name,
+         "--version", "1.0.0", "--health-inputs", str(samples), "--api-url", server.base_url],
+        capture_output=True, text=True, timeout=120, env=_environ(server),
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    manifest = _manifest(api, api.get(f"/api/v1/models/{name}/versions/1.0.0").json(), tmp_path)
+    assert manifest.health_inputs == HEALTH_INPUTS_FILE
