@@ -151,8 +151,8 @@ class Executor:
             return
         self._record_failed(progress)
         message = (
-            f"the agent died {count} times during activation or health check of this bundle (last in"
-            f" {interrupted.value}): its model crashes the runtime; "
+            f"the agent died {count} times while this bundle's model was loaded or checked (last in"
+            f" {interrupted.value}): a model that crashes the runtime, or repeated kills; "
             + (f"{progress.previous.version} restored" if progress.previous is not None else "nothing to restore")
         )
         self._finish_step(progress, step, RUNTIME_CRASHED, message)
@@ -205,6 +205,10 @@ class Executor:
             if model is not None:
                 model.close()  # never served: no request can hold it
             return self._fail(progress, failed.failure, bundle)
+        except BaseException:
+            if model is not None:
+                model.close()  # e.g. the next state could not be persisted: the pass is retried
+            raise
         floor = raised_floor(self._store.state.floors.get(directive.name), manifest)
         if floor is not None:
             self._store.update(floors={**self._store.state.floors, directive.name: floor})

@@ -383,3 +383,12 @@ def test_a_retry_asked_for_once_is_not_asked_again_by_the_next_state() -> None:
     retried = desired(directive("a", 2, retry=1), sequence=SEQ + 1)
     resigned = desired(directive("a", 2, retry=1), sequence=SEQ + 2)
     assert carried_failures(_failed_a2(), retried, resigned)[0] == {"a": digest(2)}
+
+
+def test_retry_is_optional_on_the_wire() -> None:
+    """Desired states signed before ``retry`` existed decode the same; retry 0 is not sent."""
+    d = desired(directive("a", 2))
+    assert b"retry" not in d.encode()
+    assert DesiredState.decode(d.encode()) == d
+    retried = desired(directive("a", 2, retry=3))
+    assert DesiredState.decode(retried.encode()).models[0].retry == 3
