@@ -228,6 +228,7 @@ def _assert_installed(
     assert {p.name for p in model_dir.iterdir()} == slots
     assert (model_dir / state.active[active.name].slot / state.active[active.name].model_file).is_file()
     assert not list((agent.data_dir / "models").glob("*/*.unpacking"))
+    assert not list(agent.data_dir.glob(".*.tmp")), "temp files of interrupted writes left behind"
     if check_downloads:
         assert [p.name for p in (agent.data_dir / "downloads").iterdir()] == [], "download files left behind"
     return state
@@ -252,6 +253,7 @@ class CrashRun:
     target: Model
     stored_before_kill: AgentState | None = None
     status_at_kill: str = ""
+    serving_at_kill: list[str] = field(default_factory=list)  # the versions its v2 API named while paused
     deployment: dict[str, Any] = field(default_factory=dict)
     requests_after_restart: list[ChunkRequest] = field(default_factory=list)
 
@@ -307,12 +309,18 @@ def crash_runs(fleet: Fleet) -> dict[str, CrashRun]:
     # Paused for two heartbeats: a model reported "serving" before its health check passed
     # would have reached the control plane by now and been taken for success.
     time.sleep(2.5 * HEARTBEAT_S)
+    with httpx.Client(timeout=10) as http:
+        for run in runs.values():
+            meta = http.get(f"{agents[run.device_id].api_url}/v2/models/{run.target.name}")
+            run.serving_at_kill = meta.json().get("versions", []) if meta.status_code == 200 else []
     for run in runs.values():
         agent = agents[run.device_id]
         agent.process.signal(signal.SIGKILL)
         assert agent.process.popen.wait(timeout=10) == -signal.SIGKILL
         run.stored_before_kill = _state(agent)
         run.status_at_kill = f.client.deployment(deployment_ids[run.device_id])["status"]
+        # What a kill in the middle of an atomic write leaves: a later boot must sweep it.
+        (agent.data_dir / f".{STATE_FILE}.killed.tmp").write_text("{half a state")
 
     mark = f.requests.mark()
     _start_all(f.fleet, {r.device_id: {} for r in runs.values()})
@@ -340,6 +348,9 @@ def test_sigkill_in_each_state_recovers_per_the_table(
     assert run.stored_before_kill.in_progress.state == state
     assert run.status_at_kill == "pending", "an outcome was reported before the deployment ended"
 
+    if state in ROLLED_BACK_STATES:  # the unproven candidate was never what the API served
+        assert run.serving_at_kill == [v1.version], run.serving_at_kill
+    assert not (agent.data_dir / f".{STATE_FILE}.killed.tmp").exists(), "a torn temp file survived the restart"
     if state in RETRIED_STATES:
         assert run.deployment["status"] == "succeeded", run.deployment
         serving = run.target
