@@ -10,6 +10,12 @@ Each step's outcome goes back into the transition table as an event
 the new state is persisted *before* the step it names runs. A step's exception becomes an event
 at one place, :func:`~edgefleet.agent.deployment.failures.attempt`. A failure to persist the
 state itself is not a step's outcome: it propagates to the coordinator, which retries the pass.
+
+The candidate never serves before it is proven: ACTIVATING loads it beside the serving model,
+HEALTH_CHECKING checks it there, and only a passed check swaps it in. A failure in either state
+rolls back what the store says (the host still serves the previous model). A death in either
+state (SIGKILL, a runtime that crashes the process) is counted and retried, bounded
+(:func:`~edgefleet.agent.deployment.planner.plan_recovery`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from edgefleet.agent.deployment.failures import Failure, StepFailed, attempt, dr
 from edgefleet.agent.deployment.faults import pause_point
 from edgefleet.agent.deployment.machine import Event, State, Step, advance
 from edgefleet.agent.deployment.shadow_installer import ShadowInstaller
-from edgefleet.agent.deployment.state_store import ActiveModel, InProgress, StateStore
+from edgefleet.agent.deployment.state_store import ActiveModel, InProgress, Interruption, StateStore
 from edgefleet.agent.deployment.steps import BundleSteps, slot_name
 from edgefleet.agent.serving.host import ModelHost
 from edgefleet.shared.runtimes import LoadedModel
@@ -37,6 +43,8 @@ from edgefleet.shared.wire.topics import Leaf
 
 log = logging.getLogger(__name__)
 _MAX_MESSAGE_CHARS = 2000
+RUNTIME_CRASHED = "runtime_crashed"  # the code of a bundle the agent kept dying in
+AGENT_RESTARTED = "agent_restarted"  # the code of a failure the agent died while rolling back from
 
 
 class Executor:
@@ -90,7 +98,7 @@ class Executor:
             case planner.PublishReport():
                 self._publish_reported()
             case planner.RollBackInterrupted():
-                self._roll_back_interrupted(action.progress)
+                self._roll_back_interrupted(action)
             case planner.RestartInterrupted():
                 advance(action.progress.state, Event.RECOVER)  # -> PENDING, which is never persisted
                 self._store.update(in_progress=None)
@@ -117,14 +125,37 @@ class Executor:
         """Load an installed model from its slot (agent start)."""
         return self._steps.load(active)
 
-    def _roll_back_interrupted(self, progress: InProgress) -> None:
+    def _roll_back_interrupted(self, action: planner.RollBackInterrupted) -> None:
+        progress, count = action.progress, action.interruptions
         interrupted = progress.state
-        progress = self._advance(progress, Event.RECOVER)  # -> ROLLING_BACK
+        if count == 0:  # it died rolling back a failure: finish that rollback and report it
+            progress = self._advance(progress, Event.RECOVER)  # -> ROLLING_BACK
+            step = self._roll_back(progress)
+            # Failed first: a crash before the report then repeats the (idempotent) rollback and
+            # reports; the other order could retry the bundle.
+            self._record_failed(progress)
+            self._finish_step(progress, step, AGENT_RESTARTED, f"agent restarted during {interrupted.value}")
+            return
+        # The count is persisted before the rollback, and the stored state stays where it died,
+        # so a death during the rollback counts too: the bound holds even then.
+        counted = Interruption(bundle_digest=progress.bundle_digest, count=count)
+        self._store.update(interrupted={**self._store.state.interrupted, progress.name: counted})
+        progress = dataclasses.replace(progress, state=advance(progress.state, Event.RECOVER).state)
         step = self._roll_back(progress)
-        # Failed first: a crash before the report then repeats the (idempotent) rollback and
-        # reports; the other order could retry the bundle under the same desired state.
+        if action.retry:
+            log.warning(
+                "the agent died during %s of %s:%s (%d of %d): trying it again",
+                interrupted.value, progress.name, progress.version, count, planner.MAX_INTERRUPTED_ATTEMPTS,
+            )
+            self._store.update(in_progress=None)  # not an outcome: the pass deploys it again
+            return
         self._record_failed(progress)
-        self._finish_step(progress, step, "agent_restarted", f"agent restarted during {interrupted.value}")
+        message = (
+            f"the agent died {count} times while this bundle's model was loaded or checked (last in"
+            f" {interrupted.value}): a model that crashes the runtime, or repeated kills; "
+            + (f"{progress.previous.version} restored" if progress.previous is not None else "nothing to restore")
+        )
+        self._finish_step(progress, step, RUNTIME_CRASHED, message)
 
     # -- one deployment --------------------------------------------------------------------------
 
@@ -144,6 +175,7 @@ class Executor:
         )
         log.info("deploying %s:%s (%s)", directive.name, directive.version, directive.bundle_digest[:19])
         bundle: Path | None = None
+        model: LoadedModel | None = None  # a loaded candidate that does not serve (yet)
         try:
             progress = self._advance(progress, Event.START)  # -> DOWNLOADING
             downloaded = bundle = attempt(progress.state, lambda: self._steps.download(directive))
@@ -162,19 +194,28 @@ class Executor:
                 model_file=manifest.model_file,
                 accelerators=manifest.compatibility.accelerators,
             )
-            model = attempt(progress.state, lambda: self._activate(new))
+            # Loaded beside the serving model, not instead of it: nothing serves it yet.
+            candidate = model = attempt(progress.state, lambda: self._steps.load(new))
             progress = self._advance(progress, Event.ACTIVATED)  # -> HEALTH_CHECKING
-            attempt(progress.state, lambda: self._steps.health_check(model, slot, manifest))
+            note = attempt(progress.state, lambda: self._steps.health_check(candidate, slot, manifest))
+            attempt(progress.state, lambda: self._go_live(new, candidate))  # only a proven model serves
+            model = None
             progress = self._advance(progress, Event.HEALTHY)  # -> DONE
         except StepFailed as failed:
+            if model is not None:
+                model.close()  # never served: no request can hold it
             return self._fail(progress, failed.failure, bundle)
+        except BaseException:
+            if model is not None:
+                model.close()  # e.g. the next state could not be persisted: the pass is retried
+            raise
         floor = raised_floor(self._store.state.floors.get(directive.name), manifest)
         if floor is not None:
             self._store.update(floors={**self._store.state.floors, directive.name: floor})
         previous = action.previous
         if previous is not None and previous.slot != new.slot:
             self._prune_slots(directive.name, keep={new.slot, previous.slot})
-        self._finish(progress, Outcome.SUCCEEDED)
+        self._finish(progress, Outcome.SUCCEEDED, message=note)
         return False
 
     def _advance(self, progress: InProgress, event: Event) -> InProgress:
@@ -187,13 +228,12 @@ class Executor:
         self._store.update(in_progress=progress)
         pause_point(progress.state.value)
 
-    def _activate(self, new: ActiveModel) -> LoadedModel:
-        model = self._steps.load(new)
+    def _go_live(self, new: ActiveModel, model: LoadedModel) -> None:
+        """Serve a candidate that passed its health check (recorded first: recovery rolls it back)."""
         self._store.update(active={**self._store.state.active, new.name: new})
         old = self._host.swap(new.name, model)
         if old is not None:
             self._host.retire(old)
-        return model
 
     def _fail(self, progress: InProgress, failure: Failure, bundle: Path | None) -> bool:
         log.warning(
@@ -257,7 +297,8 @@ class Executor:
         self._finish(dataclasses.replace(progress, state=step.state), step.outcome, code, message)
 
     def _finish(self, progress: InProgress, outcome: Outcome, code: str = "", message: str = "") -> None:
-        self._store.update(in_progress=None)
+        interrupted = {k: v for k, v in self._store.state.interrupted.items() if k != progress.name}
+        self._store.update(in_progress=None, interrupted=interrupted)  # an outcome ends the count
         event = DeploymentEvent(
             event_id=uuid.uuid4().hex,
             device_id=self._config.device_id,

@@ -18,6 +18,14 @@ from edgefleet.shared.bundle.manifest import Manifest
 from edgefleet.shared.errors import InferenceError
 from edgefleet.shared.runtimes import LoadedModel
 
+# Said in the deployment outcome: a check on zeros proves less, and some valid models refuse zeros.
+ZEROS_NOTE = "health check ran on zeros: the bundle has no sample inputs (health_inputs)"
+
+
+def has_sample_inputs(slot: Path | None, manifest: Manifest | None) -> bool:
+    """Whether the warm-up runs on the bundle's own sample inputs (else on zeros)."""
+    return slot is not None and manifest is not None and manifest.health_inputs is not None
+
 
 def sample_inputs(model: LoadedModel, slot: Path | None, manifest: Manifest | None) -> dict[str, np.ndarray]:
     """The warm-up inputs: the bundle's samples if it ships them, else zeros (dynamic dims = 1)."""

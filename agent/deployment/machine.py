@@ -19,6 +19,11 @@ RECOVER event moves the stored deployment there through the same table.
           ACTIVATING / HEALTH_CHECKING / ROLLING_BACK ─recover─▶ ROLLING_BACK
 
 Until ACTIVATING begins the running model is untouched, so failures before it are "no change".
+ACTIVATING loads the candidate beside the serving model and HEALTH_CHECKING checks it there; it
+is swapped in only once the check passed, on the way to DONE. A failure in either state rolls
+back all the same (the store, the slot, and a reload of the previous model prove the device can
+still serve it). A death in either state is rolled back on boot and, unless it keeps happening,
+deployed again (:func:`edgefleet.agent.deployment.planner.plan_recovery`).
 A retryable failure before activation still ends the attempt in DONE (no change); the executor
 then reports nothing, and the same desired state is tried again. DONE is terminal: a deployment
 found DONE on boot has nothing left to do but, perhaps, its report.

@@ -12,7 +12,7 @@ retryable failure, a superseded download).
 
 One pass, in order::
 
-    Deploy(model) for each desired model not active, not failed under this desired state
+    Deploy(model) for each desired model not active, its digest not failed (see carried_failures)
     Remove(name) for each active model no longer desired
     RecoverShadows once after boot (a shadow stored LOADING was being loaded when the agent died)
     StopShadow(name) for each stored shadow no longer desired (or with another bundle)
@@ -20,7 +20,15 @@ One pass, in order::
     MarkApplied(sequence) and CollectDownloads(keep) unless a retry is due; PublishReport
 
 :func:`plan_recovery` maps a deployment a crash interrupted to its boot action, by the
-:data:`~edgefleet.agent.deployment.machine.RECOVERY` table.
+:data:`~edgefleet.agent.deployment.machine.RECOVERY` table. A death while the candidate was
+being loaded or checked is not a verdict on the bundle (a SIGKILL, a power cut) unless it
+repeats: the deployment is rolled back and tried again, silently, until the agent has died in
+it :data:`MAX_INTERRUPTED_ATTEMPTS` times; then it ends ``failed_rolled_back`` with code
+``runtime_crashed`` (a model that crashes the runtime, e.g. SIGSEGV, must not crash-loop the agent).
+
+:func:`carried_failures` decides which recorded failures still hold when a new desired state
+is accepted: a failed (model, digest) stays failed until the desired state names another digest
+for the model (or drops the model), or raises the directive's ``retry``.
 """
 
 from __future__ import annotations
@@ -29,12 +37,16 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from edgefleet.agent.deployment.machine import RECOVERY, Recovery
+from edgefleet.agent.deployment.machine import RECOVERY, Recovery, State
 from edgefleet.agent.deployment.shadow_machine import ShadowState
-from edgefleet.agent.deployment.state_store import ActiveModel, AgentState, InProgress, ShadowModel
+from edgefleet.agent.deployment.state_store import ActiveModel, AgentState, InProgress, Interruption, ShadowModel
 from edgefleet.shared.wire.messages import DesiredState, ModelDirective
 
 Key = tuple[str, ...]
+
+# Deaths of the agent while one bundle's candidate was loaded or checked, before it counts as a
+# bundle that crashes the runtime: a single SIGKILL or power cut must not fail a good bundle.
+MAX_INTERRUPTED_ATTEMPTS = 3
 
 
 # -- converging actions (one at a time, planned again after each) -------------------------------
@@ -153,9 +165,17 @@ class PublishReport:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RollBackInterrupted:
-    """The new slot may be live and unproven: return to the previous one and report the failure."""
+    """The new slot may be live and unproven: return to the previous one.
+
+    ``interruptions`` counts the deaths in this bundle's activation, this one included; 0 when
+    the deployment had already failed (it died ROLLING_BACK): report that failure. With
+    ``retry`` the bundle is deployed again and nothing is reported yet; without it (and
+    ``interruptions``) it ends as a runtime crash.
+    """
 
     progress: InProgress
+    interruptions: int = 0
+    retry: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -220,14 +240,25 @@ def plan(desired: DesiredState, state: AgentState, facts: Facts) -> tuple[PassAc
     return tuple(actions)
 
 
-def plan_recovery(state: AgentState) -> tuple[RecoveryAction, ...]:
-    """The boot action for a deployment a crash interrupted (none if nothing was in progress)."""
+def plan_recovery(
+    state: AgentState, *, max_interrupted: int = MAX_INTERRUPTED_ATTEMPTS
+) -> tuple[RecoveryAction, ...]:
+    """The boot action for a deployment a crash interrupted (none if nothing was in progress).
+
+    Args:
+        state: The stored agent state.
+        max_interrupted: Deaths in one bundle's activation before it ends as a runtime crash.
+    """
     progress = state.in_progress
     if progress is None:
         return ()
     recovery = RECOVERY[progress.state]
     if recovery is Recovery.ROLL_BACK:
-        return (RollBackInterrupted(progress=progress),)
+        if progress.state is State.ROLLING_BACK:  # it had already failed: finish and report that
+            return (RollBackInterrupted(progress=progress),)
+        prior = state.interrupted.get(progress.name)
+        count = 1 + (prior.count if prior is not None and prior.bundle_digest == progress.bundle_digest else 0)
+        return (RollBackInterrupted(progress=progress, interruptions=count, retry=count < max_interrupted),)
     if recovery is Recovery.RESTART:
         return (RestartInterrupted(progress=progress),)
     active = state.active.get(progress.name)
@@ -235,6 +266,32 @@ def plan_recovery(state: AgentState) -> tuple[RecoveryAction, ...]:
     if active is not None and active.bundle_digest == progress.bundle_digest:
         return (ReportFinished(progress=progress),)
     return (ForgetFinished(progress=progress),)
+
+
+def carried_failures(
+    state: AgentState, previous: DesiredState | None, new: DesiredState
+) -> tuple[dict[str, str], dict[str, Interruption]]:
+    """The recorded failures and interruption counts that still hold once ``new`` is accepted.
+
+    One holds while ``new`` names the same digest for its model with the same ``retry`` as
+    ``previous`` (the desired state it was recorded under, or a later one that kept it): an
+    unrelated model assigned or removed, a key rotation or a re-sign changes nothing.
+
+    Returns:
+        ``(failed, interrupted)``, the new values of those :class:`AgentState` fields.
+    """
+    before = {m.name: m for m in previous.models} if previous is not None else {}
+    now = {m.name: m for m in new.models}
+
+    def holds(name: str, digest: str) -> bool:
+        directive, old = now.get(name), before.get(name)
+        if directive is None or directive.bundle_digest != digest:
+            return False
+        return old is None or old.retry == directive.retry
+
+    failed = {name: digest for name, digest in state.failed.items() if holds(name, digest)}
+    interrupted = {name: i for name, i in state.interrupted.items() if holds(name, i.bundle_digest)}
+    return failed, interrupted
 
 
 def desired_digests(desired: DesiredState) -> frozenset[str]:
@@ -261,7 +318,7 @@ def _model_actions(desired: DesiredState, state: AgentState, facts: Facts) -> li
         if active is not None and active.bundle_digest == directive.bundle_digest:
             continue
         if state.failed.get(directive.name) == directive.bundle_digest:
-            continue  # already failed under this desired state: wait for a new one
+            continue  # failed: wait for another digest or a retry (carried_failures)
         actions.append(Deploy(directive=directive, sequence=desired.sequence, started_at=facts.now, previous=active))
     wanted = {m.name for m in desired.models}
     actions += [Remove(name=name) for name in sorted(state.active) if name not in wanted]

@@ -1,12 +1,15 @@
 """Reconciling the device towards its signed desired state: a thin coordinator.
 
-The paho thread hands every ``desired`` message to :meth:`Reconciler.offer_desired`, which
-verifies it (signature, device, sequence, expiry), persists the accepted envelope, and wakes the
-worker. A pass (:meth:`Reconciler.reconcile_once`) asks the pure planner
-(:mod:`edgefleet.agent.deployment.planner`) what is left to do, has the executor
+The paho thread hands every ``desired`` message to :meth:`Reconciler.offer_desired`, which verifies
+it (signature, device, sequence, expiry), persists the accepted envelope, and wakes the worker. If
+the envelope cannot be persisted (a full disk), it is held in memory, not lost: the broker has it
+acknowledged and will not deliver it again. The condition is reported (an event, and ``health`` in
+the reported state's agent info) and each step writes it again until the disk lets it; nothing is
+deployed from a desired state that is not on disk. A pass (:meth:`Reconciler.reconcile_once`) asks
+the pure planner (:mod:`edgefleet.agent.deployment.planner`) what is left to do, has the executor
 (:mod:`edgefleet.agent.deployment.executor`) perform the first action, and plans again, until only
-the closing actions remain; a newer desired state arriving meanwhile ends the pass so the next
-one starts over with it. On boot :meth:`recover` performs the planner's recovery action for a
+the closing actions remain; a newer desired state arriving meanwhile ends the pass so the next one
+starts over with it. On boot :meth:`recover` performs the planner's recovery action for a
 deployment a crash interrupted, and the stored envelope is reconciled again: no replay from the
 broker is needed, and a retained desired state that was already accepted is recognised as a
 duplicate.
@@ -28,11 +31,12 @@ from edgefleet.agent.deployment.planner import (
     Key,
     RecoverShadows,
     ShadowRun,
+    carried_failures,
     plan,
     plan_recovery,
 )
 from edgefleet.agent.deployment.reporting import reported_state
-from edgefleet.agent.deployment.state_store import StateStore
+from edgefleet.agent.deployment.state_store import AgentState, StateStore
 from edgefleet.agent.deployment.steps import BundleSteps
 from edgefleet.agent.deployment.trust_store import TrustStore
 from edgefleet.agent.serving.host import ModelHost
@@ -51,6 +55,10 @@ from edgefleet.shared.wire.messages import (
 from edgefleet.shared.wire.topics import Leaf
 
 log = logging.getLogger(__name__)
+_MAX_MESSAGE_CHARS = 2000
+_MAX_HEALTH_CHARS = 255  # an agent info value
+HEALTH_OK = "ok"
+STATE_NOT_PERSISTED = "state_not_persisted"  # the code of the event, and the prefix of the health value
 
 
 class Reconciler:
@@ -109,7 +117,15 @@ class Reconciler:
                 self._reject(RejectionSubject.DESIRED, exc)
                 return
             self._deferred_envelope = None
-            self._store.update(desired_envelope=envelope.decode(), accepted_sequence=desired.sequence, failed={})
+            failed, interrupted = carried_failures(state, _stored_desired(state), desired)
+            error = self._store.update_or_hold(
+                desired_envelope=envelope.decode(),
+                accepted_sequence=desired.sequence,
+                failed=failed,
+                interrupted=interrupted,
+            )
+            if error is not None:
+                self._report_not_persisted(desired.sequence, error)
             log.info(
                 "accepted desired state %d: %s",
                 desired.sequence,
@@ -136,13 +152,22 @@ class Reconciler:
 
     def _reject(self, subject: RejectionSubject, exc: EdgefleetError) -> None:
         log.warning("%s refused: %s", subject, exc)
+        self._publish_rejection(subject, exc.code, str(exc))
+
+    def _report_not_persisted(self, sequence: int, error: OSError) -> None:
+        message = f"desired state {sequence} accepted but not persisted ({error}); held in memory, retrying"
+        log.error("%s", message)
+        self._publish_rejection(RejectionSubject.DESIRED, STATE_NOT_PERSISTED, message)
+        self.publish_reported()
+
+    def _publish_rejection(self, subject: RejectionSubject, code: str, message: str) -> None:
         event = RejectionEvent(
             event_id=uuid.uuid4().hex,
             device_id=self._config.device_id,
             ts=self._clock(),
             subject=subject,
-            code=exc.code,
-            message=str(exc)[:2000],
+            code=code,
+            message=message[:_MAX_MESSAGE_CHARS],
         )
         self._publish(Leaf.EVENTS, event.encode(), False)
 
@@ -164,7 +189,9 @@ class Reconciler:
                 log.error("could not load active model %s:%s: %s", active.name, active.version, exc)
 
     def recover(self) -> None:
-        """Finish a deployment a crash interrupted, according to the recovery table."""
+        """Sweep what a kill left behind, and finish a deployment it interrupted (the recovery table)."""
+        for path in self._store.sweep_temp_files():
+            log.warning("removed %s, left by an interrupted write", path.name)
         self._executor.sweep_unpacking()
         for action in plan_recovery(self._store.state):
             progress = action.progress
@@ -190,10 +217,12 @@ class Reconciler:
         self._wake.clear()
         self._cancel.clear()
         try:
+            self._store.flush()  # a desired state held in memory is written before it is acted on
             retry = self.reconcile_once()
         except (EdgefleetError, OSError):
             # E.g. state.json cannot be written (disk full): keep serving, try again later.
             log.exception("reconcile failed; retrying in %.0f s", self._config.retry_delay_s)
+            self.publish_reported()  # its health says why
             retry = True
         if retry:
             self._wake.set()  # due again once the delay has passed
@@ -205,13 +234,10 @@ class Reconciler:
 
     def reconcile_once(self) -> bool:
         """Bring active models in line with the accepted desired state; True if a retry is due."""
-        state = self._store.state
-        if state.desired_envelope is None:
+        desired = _stored_desired(self._store.state)
+        if desired is None:
             self.publish_reported()
             return False
-        desired = DesiredState.decode(
-            stored_envelope_payload(state.desired_envelope.encode(), payload_type=DESIRED_PAYLOAD_TYPE)
-        )
         attempted: set[Key] = set()
         retry = False
         while True:
@@ -247,11 +273,22 @@ class Reconciler:
 
     def reported_state(self) -> ReportedState:
         """What this device runs now."""
-        return reported_state(self._config.device_id, self._store.state, self._host, now=self._clock())
+        error = self._store.write_error
+        health = HEALTH_OK if error is None else f"{STATE_NOT_PERSISTED}: {error}"[:_MAX_HEALTH_CHARS]
+        return reported_state(self._config.device_id, self._store.state, self._host, now=self._clock(), health=health)
 
     def publish_reported(self) -> None:
         """Publish the reported state (retained)."""
         self._publish(Leaf.REPORTED, self.reported_state().encode(), True)
+
+
+def _stored_desired(state: AgentState) -> DesiredState | None:
+    """The accepted desired state (verified when it was accepted), if any."""
+    if state.desired_envelope is None:
+        return None
+    return DesiredState.decode(
+        stored_envelope_payload(state.desired_envelope.encode(), payload_type=DESIRED_PAYLOAD_TYPE)
+    )
 
 
 def _is_duplicate(envelope: bytes, accepted: str | None) -> bool:

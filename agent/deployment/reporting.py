@@ -13,8 +13,14 @@ from edgefleet.shared.wire.messages import ModelReport, ModelState, ReportedStat
 from edgefleet.shared.wire.messages import ShadowState as ReportedShadowState
 
 
-def reported_state(device_id: str, state: AgentState, host: ModelHost, *, now: float) -> ReportedState:
-    """The reported state of ``device_id`` at ``now`` (seconds since the epoch, from the injected clock)."""
+def reported_state(
+    device_id: str, state: AgentState, host: ModelHost, *, now: float, health: str = "ok"
+) -> ReportedState:
+    """The reported state of ``device_id`` at ``now`` (seconds since the epoch, from the injected clock).
+
+    ``health`` goes into the agent info: "ok", or what keeps the device from converging (a state
+    file it cannot write, say).
+    """
     progress = state.in_progress
     # A model between activation and a passed health check is live but unproven, and the
     # control plane takes "serving" as success: leave it out until the deployment ends.
@@ -38,7 +44,12 @@ def reported_state(device_id: str, state: AgentState, host: ModelHost, *, now: f
         ts=now,
         applied_sequence=state.applied_sequence,
         models=models,
-        agent={"version": _agent_version(), "arch": platform.machine(), "python": platform.python_version()},
+        agent={
+            "version": _agent_version(),
+            "arch": platform.machine(),
+            "python": platform.python_version(),
+            "health": health,
+        },
         shadows=shadows,
     )
 

@@ -19,14 +19,14 @@ from edgefleet.agent.deployment.compatibility import (
     device_machine,
     preferred_providers,
 )
-from edgefleet.agent.deployment.health_check import run_health_check, sample_inputs
+from edgefleet.agent.deployment.health_check import ZEROS_NOTE, has_sample_inputs, run_health_check, sample_inputs
 from edgefleet.agent.deployment.state_store import ActiveModel, ShadowModel
 from edgefleet.agent.deployment.trust_store import TrustStore
 from edgefleet.agent.transfer.http import HttpFetcher
 from edgefleet.agent.transfer.mqtt_chunks import ChunkFetcher
 from edgefleet.shared.bundle.format import BundleLimits, extract_bundle, verify_bundle
 from edgefleet.shared.bundle.manifest import Manifest
-from edgefleet.shared.errors import TransferError
+from edgefleet.shared.errors import InferenceError, TransferError
 from edgefleet.shared.runtimes import LoadedModel, RuntimeOptions, load_model
 from edgefleet.shared.wire.messages import ModelDirective
 
@@ -109,12 +109,29 @@ class BundleSteps:
         path = self.models_dir / entry.name / entry.slot / entry.model_file
         return load_model(entry.runtime, path, name=entry.name, version=entry.version, options=self._runtime_options)
 
-    def health_check(self, model: LoadedModel, slot: Path | None = None, manifest: Manifest | None = None) -> None:
-        """Warm-up inference on the bundle's sample inputs (or zeros) within its latency budget."""
+    def health_check(self, model: LoadedModel, slot: Path | None = None, manifest: Manifest | None = None) -> str:
+        """Warm-up inference on the bundle's sample inputs (or zeros) within its latency budget.
+
+        Returns:
+            What the deployment outcome should say about the check: "" when it ran on the
+            bundle's sample inputs, else that it ran on zeros.
+
+        Raises:
+            InferenceError: The check failed (its message then says too if it ran on zeros,
+                which models with parameter inputs such as Resize ``scales`` refuse).
+        """
         budget_s = self._config.health_check_timeout_s
         if manifest is not None and manifest.latency_budget_ms is not None:
             budget_s = manifest.latency_budget_ms / 1000.0
-        run_health_check(model, sample_inputs(model, slot, manifest), budget_s)
+        inputs = sample_inputs(model, slot, manifest)
+        note = "" if has_sample_inputs(slot, manifest) else ZEROS_NOTE
+        try:
+            run_health_check(model, inputs, budget_s)
+        except InferenceError as exc:
+            if note:
+                raise InferenceError(f"{exc} ({note})") from exc
+            raise
+        return note
 
 
 def slot_name(version: str, bundle_digest: str) -> str:

@@ -129,6 +129,10 @@ class ModelDirective(WireStruct, frozen=True, kw_only=True, omit_defaults=True):
 
     ``urls`` are optional HTTP(S) locations of the same bundle (range requests); without them the
     agent fetches it in chunks over MQTT. Either way the bytes must hash to ``bundle_digest``.
+
+    A device does not try again a bundle that failed on it while the desired state names the same
+    digest; ``retry`` is how the control plane asks for another attempt at it: any change of the
+    number does (absent, the default, is 0, so states from before it decode the same).
     """
 
     name: Name
@@ -138,6 +142,7 @@ class ModelDirective(WireStruct, frozen=True, kw_only=True, omit_defaults=True):
     runtime: Text32
     urls: Urls = ()
     shadow: ShadowDirective | None = None
+    retry: Count = 0
 
 
 class DesiredState(WireMessage, frozen=True, kw_only=True, tag="edgefleet.desired/v1"):

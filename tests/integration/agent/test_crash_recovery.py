@@ -7,8 +7,12 @@ disk (``state.json``, its model slots, its downloads): nothing lost, nothing hal
 
 * Every deployment state: agents run with ``EDGEFLEET_FAULT_PAUSE_AT=<state>`` (see
   :mod:`agent.faults`), are SIGKILLed while paused there, and restarted; the deployment must end
-  as :data:`agent.deployment.RECOVERY` says. All states run at once, one device each.
-* Disk full while staging: the agent's data dir is a small tmpfs in its own mount namespace.
+  as :data:`agent.deployment.RECOVERY` says, a kill while the candidate was loaded or checked
+  being retried. All states run at once, one device each.
+* A model that crashes the runtime: ``EDGEFLEET_FAULT_SIGNAL_AT`` makes the agent die of SIGSEGV
+  in the same state on every attempt; the restarts must end it as ``runtime_crashed``.
+* Disk full while staging, and while a desired state arrives: the agent's data dir is a small
+  tmpfs in its own mount namespace.
 * Network cut mid-transfer, and a stalled transfer superseded by a newer desired state: the
   agent reaches the broker through :class:`tcp_proxy.TcpProxy`, which the test throttles,
   cuts and stalls; a paho subscriber on the broker itself records every chunk request.
@@ -34,18 +38,20 @@ import paho.mqtt.client as mqtt
 import pytest
 from support.tcp_proxy import TcpProxy
 
+from edgefleet.agent.deployment.planner import MAX_INTERRUPTED_ATTEMPTS
 from edgefleet.agent.deployment.state_store import STATE_FILE, AgentState
 from edgefleet.control_plane.broker.embedded import MosquittoBroker
 from edgefleet.control_plane.client import EdgefleetClient
 from edgefleet.control_plane.devtools.demo import direct_predict, v2_infer
 from edgefleet.control_plane.devtools.demo_models import INPUT_NAME, OUTPUT_NAME, build_onnx_mlp, make_mlp_weights
-from edgefleet.control_plane.devtools.local_fleet import AgentProcess, LocalFleet
+from edgefleet.control_plane.devtools.local_fleet import AgentProcess, FleetError, LocalFleet
 from edgefleet.shared.wire.chunks import ChunkRequest, chunk_count
 from edgefleet.shared.wire.topics import ROOT, Leaf, parse_device_topic
 
 N_INPUTS = 32
 KILL_STATES = ("downloading", "verifying", "staging", "activating", "health_checking", "rolling_back")
 ROLLED_BACK_STATES = ("activating", "health_checking", "rolling_back")  # RECOVERY: roll back
+RETRIED_STATES = ("activating", "health_checking")  # rolled back, then deployed again: a kill is no verdict
 FAULT_PAUSE_S = 60  # the agent sits in the state until killed; far longer than the test needs
 CHUNK_BYTES = 16 * 1024  # small chunks for the proxied agent: a multi-MiB transfer is hundreds of requests
 HEARTBEAT_S = 0.5  # crash devices report often, so a premature "serving" would reach the control plane
@@ -153,6 +159,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, mosquitto: MosquittoBroker) 
             "stuck/1.0.0": mlp_onnx(8),
             "stuck/2.0.0": mlp_onnx(9),
             "stuck/3.0.0": mlp_onnx(10),
+            "segv/1.0.0": mlp_onnx(11),
+            "segv/2.0.0": mlp_onnx(12),
+            "full/1.0.0": mlp_onnx(13),
+            "full/2.0.0": mlp_onnx(14),
         }
         models = {}
         for key, data in sources.items():
@@ -218,6 +228,7 @@ def _assert_installed(
     assert {p.name for p in model_dir.iterdir()} == slots
     assert (model_dir / state.active[active.name].slot / state.active[active.name].model_file).is_file()
     assert not list((agent.data_dir / "models").glob("*/*.unpacking"))
+    assert not list(agent.data_dir.glob(".*.tmp")), "temp files of interrupted writes left behind"
     if check_downloads:
         assert [p.name for p in (agent.data_dir / "downloads").iterdir()] == [], "download files left behind"
     return state
@@ -242,6 +253,7 @@ class CrashRun:
     target: Model
     stored_before_kill: AgentState | None = None
     status_at_kill: str = ""
+    serving_at_kill: list[str] = field(default_factory=list)  # the versions its v2 API named while paused
     deployment: dict[str, Any] = field(default_factory=dict)
     requests_after_restart: list[ChunkRequest] = field(default_factory=list)
 
@@ -297,12 +309,18 @@ def crash_runs(fleet: Fleet) -> dict[str, CrashRun]:
     # Paused for two heartbeats: a model reported "serving" before its health check passed
     # would have reached the control plane by now and been taken for success.
     time.sleep(2.5 * HEARTBEAT_S)
+    with httpx.Client(timeout=10) as http:
+        for run in runs.values():
+            meta = http.get(f"{agents[run.device_id].api_url}/v2/models/{run.target.name}")
+            run.serving_at_kill = meta.json().get("versions", []) if meta.status_code == 200 else []
     for run in runs.values():
         agent = agents[run.device_id]
         agent.process.signal(signal.SIGKILL)
         assert agent.process.popen.wait(timeout=10) == -signal.SIGKILL
         run.stored_before_kill = _state(agent)
         run.status_at_kill = f.client.deployment(deployment_ids[run.device_id])["status"]
+        # What a kill in the middle of an atomic write leaves: a later boot must sweep it.
+        (agent.data_dir / f".{STATE_FILE}.killed.tmp").write_text("{half a state")
 
     mark = f.requests.mark()
     _start_all(f.fleet, {r.device_id: {} for r in runs.values()})
@@ -330,7 +348,17 @@ def test_sigkill_in_each_state_recovers_per_the_table(
     assert run.stored_before_kill.in_progress.state == state
     assert run.status_at_kill == "pending", "an outcome was reported before the deployment ended"
 
-    if state in ROLLED_BACK_STATES:
+    if state in ROLLED_BACK_STATES:  # the unproven candidate was never what the API served
+        assert run.serving_at_kill == [v1.version], run.serving_at_kill
+    assert not (agent.data_dir / f".{STATE_FILE}.killed.tmp").exists(), "a torn temp file survived the restart"
+    if state in RETRIED_STATES:
+        assert run.deployment["status"] == "succeeded", run.deployment
+        serving = run.target
+        _assert_serves(agent, run.target)
+        stored = _assert_installed(agent, run.target, {v1.slot, run.target.slot})
+        assert stored.failed == {} and stored.interrupted == {}
+        assert run.requests_after_restart, "the interrupted deployment was not tried again"
+    elif state in ROLLED_BACK_STATES:
         assert run.deployment["status"] == "failed_rolled_back", run.deployment
         assert run.deployment["error_code"] == "agent_restarted"
         serving = v1
@@ -379,6 +407,106 @@ def test_disk_full_while_staging_changes_nothing_and_a_later_state_deploys(fleet
         assert _deploy(f, "disk/3.0.0", ["disk-dev"])["disk-dev"]["status"] == "succeeded"
         _assert_serves(agent, v3)
         _assert_installed(agent, v3, {v1.slot, v3.slot})
+    finally:
+        agent.process.stop()
+
+
+# -- a model that crashes the runtime ------------------------------------------------------------
+
+
+def _restart_crashing(fleet: LocalFleet, device_id: str, env: dict[str, str]) -> AgentProcess:
+    """Restart an agent that may die of its fault before its API answers."""
+    try:
+        return fleet.start_agent(device_id, env=env, timeout_s=60)
+    except FleetError:
+        agent = fleet.agents[device_id]
+        if agent.process.popen.poll() != -signal.SIGSEGV:
+            raise
+        return agent
+
+
+@pytest.mark.parametrize("state", RETRIED_STATES)
+def test_a_bundle_that_crashes_the_runtime_ends_runtime_crashed_without_a_crash_loop(
+    fleet: Fleet, state: str
+) -> None:
+    """The agent dies of SIGSEGV in ``state`` on every attempt; each restart is what a supervisor does."""
+    f, device = fleet, f"segv-{state.replace('_', '-')}"
+    v1, v2 = f.models["segv/1.0.0"], f.models["segv/2.0.0"]
+    agent = f.fleet.start_agent(device)
+    f.fleet.wait_for_devices(f.client, [device])
+    assert _deploy(f, "segv/1.0.0", [device])[device]["status"] == "succeeded"
+    agent.process.stop()
+    crash = {"EDGEFLEET_FAULT_SIGNAL_AT": state}
+    agent = f.fleet.start_agent(device, env=crash)
+    created = f.client.deploy(v2.name, v2.version, devices=[device])[0]
+    for death in range(1, MAX_INTERRUPTED_ATTEMPTS + 1):
+        assert agent.process.popen.wait(timeout=60) == -signal.SIGSEGV, f"attempt {death} did not crash"
+        assert f.client.deployment(created["id"])["status"] == "pending", "an outcome before the retries ran out"
+        agent = _restart_crashing(f.fleet, device, crash)
+    # This start found the last death: it gives the bundle up instead of trying it again.
+    try:
+        done = f.client.wait_for_deployments([created["id"]], timeout_s=60)[0]
+        assert (done["status"], done["error_code"]) == ("failed_rolled_back", "runtime_crashed"), done
+        assert "1.0.0 restored" in done["message"]
+        time.sleep(1.0)  # a retry after the verdict would crash the agent now
+        assert agent.process.alive, "the agent died again after the bundle was given up"
+        _assert_serves(agent, v1)
+        stored = _assert_installed(agent, v1, {v1.slot})
+        assert stored.failed == {"segv": v2.digest} and stored.interrupted == {}
+        reported = f.client.device(device)["reported"]
+        assert [(m["version"], m["state"]) for m in reported["models"]] == [(v1.version, "serving")]
+    finally:
+        agent.process.stop()
+
+
+# -- disk full when a desired state arrives ------------------------------------------------------
+
+
+def _fill(directory: Path) -> Path:
+    """Write a file in ``directory`` until its file system is full; return it."""
+    filler = directory / "filler"
+    block = b"\0" * (64 * 1024)
+    with filler.open("wb", buffering=0) as out:
+        while True:
+            try:
+                out.write(block)
+            except OSError:
+                break
+    with filler.open("ab", buffering=0) as out:  # the last, partial block
+        try:
+            while True:
+                out.write(b"\0" * 512)
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_desired_state_that_arrives_while_the_disk_is_full_is_applied_once_space_returns(fleet: Fleet) -> None:
+    f, device = fleet, "full-dev"
+    v2 = f.models["full/2.0.0"]
+    agent = f.fleet.start_agent(device, data_tmpfs_bytes=4 * 1024 * 1024)
+    try:
+        f.fleet.wait_for_devices(f.client, [device])
+        assert _deploy(f, "full/1.0.0", [device])[device]["status"] == "succeeded"
+        accepted = _state(agent).accepted_sequence
+        filler = _fill(agent.data_dir)
+        created = f.client.deploy(v2.name, v2.version, devices=[device])[0]
+
+        def health() -> str:
+            return str(f.client.device(device)["agent"].get("health", ""))
+
+        _wait("the device to report that it cannot persist", lambda: health().startswith("state_not_persisted"))
+        assert "No space left on device" in health()
+        assert _state(agent).accepted_sequence == accepted, "written to a full disk?"
+        assert "not persisted" in agent.process.log_path.read_text(errors="replace")
+        assert f.client.deployment(created["id"])["status"] == "pending"
+
+        filler.unlink()  # space returns; no desired state is sent again
+        done = f.client.wait_for_deployments([created["id"]], timeout_s=60)[0]
+        assert done["status"] == "succeeded", done
+        assert _state(agent).accepted_sequence > accepted
+        _assert_serves(agent, v2)
+        _wait("the device to report it is healthy again", lambda: health() == "ok")
     finally:
         agent.process.stop()
 

@@ -29,12 +29,13 @@ from edgefleet.agent.deployment.planner import (
     RollBackInterrupted,
     ShadowRun,
     StopShadow,
+    carried_failures,
     desired_digests,
     plan,
     plan_recovery,
 )
 from edgefleet.agent.deployment.shadow_machine import ShadowState
-from edgefleet.agent.deployment.state_store import ActiveModel, AgentState, InProgress, ShadowModel
+from edgefleet.agent.deployment.state_store import ActiveModel, AgentState, InProgress, Interruption, ShadowModel
 from edgefleet.shared.wire.messages import DesiredState, ModelDirective, ShadowDirective
 
 NOW = 1_700_000_000.0
@@ -45,13 +46,14 @@ def digest(n: int) -> str:
     return "sha256:" + f"{n:064x}"
 
 
-def directive(name: str, n: int, *, shadow: int | None = None, rate: float = 0.5) -> ModelDirective:
+def directive(name: str, n: int, *, shadow: int | None = None, rate: float = 0.5, retry: int = 0) -> ModelDirective:
     return ModelDirective(
         name=name,
         version=f"{n}.0.0",
         bundle_digest=digest(n),
         bundle_size=100 + n,
         runtime="onnx",
+        retry=retry,
         shadow=None
         if shadow is None
         else ShadowDirective(
@@ -308,9 +310,85 @@ def test_every_stored_state_recovers_per_the_table(state: State) -> None:
     p = progress(state)
     succeeded = AgentState(in_progress=p, active={"a": active("a", 2)})
     not_active = AgentState(in_progress=p, active={"a": active("a", 1)})
+    # Died mid-activation: counted and retried; died rolling back a failure: that failure stands.
+    roll_back = RollBackInterrupted(progress=p, interruptions=0 if state is State.ROLLING_BACK else 1,
+                                    retry=state is not State.ROLLING_BACK)
     expected: dict[Recovery, tuple[Action, Action]] = {
-        Recovery.ROLL_BACK: (RollBackInterrupted(progress=p), RollBackInterrupted(progress=p)),
+        Recovery.ROLL_BACK: (roll_back, roll_back),
         Recovery.RESTART: (RestartInterrupted(progress=p), RestartInterrupted(progress=p)),
         Recovery.NOTHING: (ReportFinished(progress=p), ForgetFinished(progress=p)),
     }
     assert (plan_recovery(succeeded), plan_recovery(not_active)) == tuple((a,) for a in expected[RECOVERY[state]])
+
+
+@pytest.mark.parametrize("state", [State.ACTIVATING, State.HEALTH_CHECKING])
+def test_deaths_mid_activation_are_retried_up_to_the_bound_then_end_it(state: State) -> None:
+    p = progress(state)
+    for before, retry in [(0, True), (1, True), (2, False)]:
+        interrupted = {"a": Interruption(bundle_digest=digest(2), count=before)} if before else {}
+        stored = AgentState(in_progress=p, active={"a": active("a", 1)}, interrupted=interrupted)
+        assert plan_recovery(stored, max_interrupted=3) == (
+            RollBackInterrupted(progress=p, interruptions=before + 1, retry=retry),
+        ), f"after {before} earlier deaths"
+
+
+def test_deaths_in_another_bundle_do_not_count() -> None:
+    p = progress(State.HEALTH_CHECKING, 2)
+    stored = AgentState(in_progress=p, interrupted={"a": Interruption(bundle_digest=digest(9), count=5)})
+    assert plan_recovery(stored) == (RollBackInterrupted(progress=p, interruptions=1, retry=True),)
+
+
+# -- which recorded failures a new desired state keeps ---------------------------------------------
+
+
+def _failed_a2() -> AgentState:
+    return AgentState(
+        active={"a": active("a", 1)},
+        failed={"a": digest(2)},
+        interrupted={"a": Interruption(bundle_digest=digest(2), count=1)},
+    )
+
+
+@pytest.mark.parametrize(
+    "new",
+    [
+        desired(directive("a", 2), sequence=SEQ + 1),  # re-signed, nothing changed
+        desired(directive("a", 2), directive("b", 5), sequence=SEQ + 1),  # an unrelated model assigned
+    ],
+    ids=["re-signed", "unrelated-model-assigned"],
+)
+def test_a_failed_bundle_stays_failed_under_a_new_desired_state_naming_it(new: DesiredState) -> None:
+    previous = desired(directive("a", 2), directive("c", 6))  # and c is removed in both new states
+    failed, interrupted = carried_failures(_failed_a2(), previous, new)
+    assert failed == {"a": digest(2)}
+    assert interrupted == _failed_a2().interrupted
+    actions = plan(new, dataclasses.replace(_failed_a2(), failed=failed), facts())
+    assert [a for a in actions if isinstance(a, Deploy) and a.directive.name == "a"] == []
+
+
+@pytest.mark.parametrize(
+    "new",
+    [
+        desired(directive("a", 3), sequence=SEQ + 1),  # another digest
+        desired(directive("a", 2, retry=1), sequence=SEQ + 1),  # an explicit retry
+        desired(sequence=SEQ + 1),  # the model is no longer desired
+    ],
+    ids=["other-digest", "retry", "model-removed"],
+)
+def test_a_failure_ends_with_another_digest_a_retry_or_the_model_removed(new: DesiredState) -> None:
+    assert carried_failures(_failed_a2(), desired(directive("a", 2)), new) == ({}, {})
+
+
+def test_a_retry_asked_for_once_is_not_asked_again_by_the_next_state() -> None:
+    retried = desired(directive("a", 2, retry=1), sequence=SEQ + 1)
+    resigned = desired(directive("a", 2, retry=1), sequence=SEQ + 2)
+    assert carried_failures(_failed_a2(), retried, resigned)[0] == {"a": digest(2)}
+
+
+def test_retry_is_optional_on_the_wire() -> None:
+    """Desired states signed before ``retry`` existed decode the same; retry 0 is not sent."""
+    d = desired(directive("a", 2))
+    assert b"retry" not in d.encode()
+    assert DesiredState.decode(d.encode()) == d
+    retried = desired(directive("a", 2, retry=3))
+    assert DesiredState.decode(retried.encode()).models[0].retry == 3

@@ -21,13 +21,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
 import edgefleet.agent.deployment.executor as executor_module
+import edgefleet.agent.deployment.state_store as state_store_module
 import edgefleet.agent.deployment.steps as steps_module
 from edgefleet.agent.config import AgentConfig, TrustConfig
 from edgefleet.agent.deployment.machine import RECOVERY, Event, Recovery, State, Step
+from edgefleet.agent.deployment.planner import MAX_INTERRUPTED_ATTEMPTS
 from edgefleet.agent.deployment.reconciler import Reconciler
 from edgefleet.agent.deployment.state_store import STATE_FILE, AgentState, InProgress, StateStore
 from edgefleet.agent.serving.host import ModelHost
@@ -37,7 +40,15 @@ from edgefleet.shared.bundle.format import build_bundle, make_manifest
 from edgefleet.shared.errors import TransferError
 from edgefleet.shared.runtimes import load_model
 from edgefleet.shared.trust.signing import SigningKey
-from edgefleet.shared.wire.messages import DeploymentEvent, DesiredState, ModelDirective, Outcome, ReportedState
+from edgefleet.shared.wire.messages import (
+    DeploymentEvent,
+    DesiredState,
+    ModelDirective,
+    Outcome,
+    RejectionEvent,
+    ReportedState,
+    decode_event,
+)
 from edgefleet.shared.wire.topics import Leaf
 
 DEVICE = "unit-dev"
@@ -194,7 +205,12 @@ class Device:
         return device
 
     def events(self) -> list[DeploymentEvent]:
-        return [DeploymentEvent.decode(p) for leaf, p, _ in self.published if leaf is Leaf.EVENTS]
+        events = [decode_event(p) for leaf, p, _ in self.published if leaf is Leaf.EVENTS]
+        return [e for e in events if isinstance(e, DeploymentEvent)]
+
+    def rejections(self) -> list[RejectionEvent]:
+        events = [decode_event(p) for leaf, p, _ in self.published if leaf is Leaf.EVENTS]
+        return [e for e in events if isinstance(e, RejectionEvent)]
 
     def outcomes(self) -> list[tuple[str, Outcome]]:
         return [(e.version, e.outcome) for e in self.events()]
@@ -252,12 +268,12 @@ class Device:
 
 def desired(
     sequence: int, *releases: Release, device_id: str = DEVICE, key: SigningKey = ONLINE, ttl_s: float = 3600,
-    issued_at: float | None = None,
+    issued_at: float | None = None, retry: int = 0,
 ) -> bytes:
     issued = time.time() if issued_at is None else issued_at
     state = DesiredState(
         device_id=device_id, sequence=sequence, issued_at=issued, expires_at=issued + ttl_s,
-        models=tuple(r.directive() for r in releases),
+        models=tuple(msgspec.structs.replace(r.directive(), retry=retry) for r in releases),
     )
     return state.seal(key)
 
@@ -404,7 +420,10 @@ def test_rejected_is_not_retried_under_the_same_desired_state_but_is_under_a_new
     device.reconcile()
     assert device.fetcher.calls.count(bad.digest) == 1, "retried under the same desired state"
     assert len(device.events()) == 2
-    device.offer(3, bad)  # the operator asks again
+    device.offer(3, bad)  # re-signed, or another model changed: the same bundle stays failed
+    device.reconcile()
+    assert device.fetcher.calls.count(bad.digest) == 1, "a failed bundle was tried again"
+    device.offer(4, bad, retry=1)  # the operator asks again
     assert device.on_disk().failed == {}
     device.reconcile()
     assert device.fetcher.calls.count(bad.digest) == 2
@@ -488,12 +507,35 @@ def test_a_restarted_agent_reconciles_its_stored_state_and_ignores_the_retained_
     rebooted.host.close_all()
 
 
-def test_a_new_desired_state_clears_recorded_failures(device: Device, releases: dict[str, Release]) -> None:
+def test_a_new_desired_state_with_another_digest_clears_the_recorded_failure(
+    device: Device, releases: dict[str, Release]
+) -> None:
     device.deploy(1, releases["v1"])
     device.deploy(2, releases["bad"])
     assert device.on_disk().failed == {MODEL: releases["bad"].digest}
     device.offer(3, releases["v3"])
     assert device.on_disk().failed == {}
+
+
+def test_a_failed_bundle_is_not_deployed_again_by_each_new_desired_state(
+    device: Device, releases: dict[str, Release]
+) -> None:
+    """Re-signs, key rotations and other models' changes bring new states naming the same bundle."""
+    device.deploy(1, releases["v1"])
+    device.deploy(2, releases["bad"])
+    for sequence in (3, 4, 5):
+        device.deploy(sequence, releases["bad"])
+    assert device.fetcher.calls.count(releases["bad"].digest) == 1, "the known-bad bundle was deployed again"
+    assert device.outcomes() == [("1.0.0", Outcome.SUCCEEDED), ("2.0.0-bad", Outcome.FAILED_ROLLED_BACK)]
+    assert device.on_disk().failed == {MODEL: releases["bad"].digest}
+    device.assert_serves(releases["v1"])
+    # An explicit retry is one more attempt, with its own outcome, and only one.
+    device.offer(6, releases["bad"], retry=1)
+    device.reconcile()
+    device.offer(7, releases["bad"], retry=1)  # the same retry, re-signed
+    device.reconcile()
+    assert device.fetcher.calls.count(releases["bad"].digest) == 2
+    assert [e.sequence for e in device.events()] == [1, 2, 6]
 
 
 # -- recovery: killed in every state --------------------------------------------------------------
@@ -503,11 +545,16 @@ def test_a_new_desired_state_clears_recorded_failures(device: Device, releases: 
 KILLED_DEPLOYMENT = {s: "v2" for s in State} | {State.ROLLING_BACK: "bad"}
 
 
+# Killed while the candidate was loaded or checked: rolled back, then deployed again (a kill is
+# not a verdict on the bundle). Killed rolling back: the bundle had already failed.
+RETRIED = (State.ACTIVATING, State.HEALTH_CHECKING)
+
+
 def _expected_after_recovery(state: State) -> tuple[Outcome, str]:
     action = RECOVERY[state]
-    if action is Recovery.ROLL_BACK:
+    if action is Recovery.ROLL_BACK and state not in RETRIED:
         return Outcome.FAILED_ROLLED_BACK, "v1"
-    return Outcome.SUCCEEDED, "v2"  # RESTART: done again; NOTHING: it had already succeeded
+    return Outcome.SUCCEEDED, "v2"  # RESTART: done again; NOTHING: it had already succeeded; RETRIED
 
 
 def _interrupt(device: Device, releases: dict[str, Release], state: State, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -550,7 +597,11 @@ def test_killed_in_every_state_recovers_per_the_table(
     rebooted.assert_serves(releases[survivor])
     state_after = rebooted.on_disk()
     assert state_after.active[MODEL].bundle_digest == releases[survivor].digest
-    if RECOVERY[state] is Recovery.ROLL_BACK:
+    if state in RETRIED:
+        assert state_after.failed == {} and state_after.interrupted == {}
+        assert rebooted.fetcher.calls == [killed.digest], "deployed again, once"
+        assert rebooted.slots() == {releases["v1"].slot, killed.slot}
+    elif RECOVERY[state] is Recovery.ROLL_BACK:
         assert rebooted.events()[0].error_code == "agent_restarted"
         assert state_after.failed == {MODEL: killed.digest}, "a rolled-back bundle must not be retried"
         assert rebooted.fetcher.calls == []
@@ -684,3 +735,132 @@ def test_an_unexpected_error_in_a_step_is_an_outcome_not_a_dead_worker(
     assert device.on_disk().failed == {MODEL: releases["v2"].digest}
     device.assert_serves(releases["v1"])
     device.assert_clean()
+
+
+# -- issue 8: the candidate is proven before it serves; deaths mid-activation are bounded --------
+
+
+def test_the_candidate_never_serves_before_its_health_check_passes(
+    device: Device, releases: dict[str, Release], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device.deploy(1, releases["v1"])
+    served: list[str] = []
+    real_swap = device.host.swap
+
+    def swap(name: str, model: object) -> object:
+        served.append(getattr(model, "version", "-"))
+        return real_swap(name, model)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(device.host, "swap", swap)
+    serving_at: dict[str, str | None] = {}
+
+    def pause_point(current: str) -> None:
+        serving_at[current] = device.serving_version()
+
+    monkeypatch.setattr(executor_module, "pause_point", pause_point)
+    device.deploy(2, releases["bad"])
+    assert device.outcomes()[-1] == ("2.0.0-bad", Outcome.FAILED_ROLLED_BACK)
+    assert "2.0.0-bad" not in served, "the unproven model was put into the serving host"
+    device.deploy(3, releases["v2"])
+    assert serving_at["activating"] == serving_at["health_checking"] == "1.0.0"
+    assert served[-1] == "2.0.0"
+    device.assert_serves(releases["v2"])
+
+
+def test_a_bundle_that_keeps_killing_the_agent_ends_as_a_runtime_crash(
+    device: Device, releases: dict[str, Release], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that crashes the runtime (SIGSEGV) dies the same way on every boot: bounded retries."""
+    device.deploy(1, releases["v1"])
+    kill_at(monkeypatch, State.HEALTH_CHECKING.value)  # and on every boot after
+    with pytest.raises(Killed):
+        device.deploy(2, releases["v2"])
+    for death in range(1, MAX_INTERRUPTED_ATTEMPTS):
+        device = device.reboot()
+        device.assert_serves(releases["v1"])
+        assert device.events() == [], f"an outcome after death {death}: the retry must stay pending"
+        assert device.on_disk().interrupted[MODEL].count == death
+        with pytest.raises(Killed):
+            device.reconcile()
+    device = device.reboot()
+    [event] = device.events()
+    assert (event.version, event.outcome, event.error_code) == ("2.0.0", Outcome.FAILED_ROLLED_BACK, "runtime_crashed")
+    assert "1.0.0 restored" in event.message
+    device.reconcile()
+    device.reconcile()
+    assert device.events() == [event], "tried again after it was given up"
+    device.assert_serves(releases["v1"])
+    state = device.on_disk()
+    assert state.failed == {MODEL: releases["v2"].digest} and state.interrupted == {}
+    device.assert_clean()
+    device.host.close_all()
+
+
+def test_the_outcome_says_when_the_health_check_ran_on_zeros(device: Device, releases: dict[str, Release]) -> None:
+    device.deploy(1, releases["v1"])
+    assert "ran on zeros" in device.events()[-1].message
+    device.deploy(2, releases["bad"])
+    assert "ran on zeros" in device.events()[-1].message, "a failed check on zeros must say so too"
+
+
+def test_the_outcome_says_nothing_of_zeros_when_the_bundle_has_samples(
+    device: Device, tmp_path: Path
+) -> None:
+    model_path = tmp_path / "m.onnx"
+    model_path.write_bytes(good_model(4))
+    samples = tmp_path / "health.npz"
+    np.savez(samples, input=np.ones((2, N_INPUTS), dtype=np.float32))
+    loaded = load_model("onnx", model_path, name=MODEL, version="4.0.0")
+    inputs, outputs = loaded.inputs, loaded.outputs
+    loaded.close()
+    files = {"model.onnx": model_path, "health.npz": samples}
+    manifest = make_manifest(
+        name=MODEL, version="4.0.0", runtime="onnx", model_file="model.onnx", files=files,
+        inputs=inputs, outputs=outputs, health_inputs="health.npz",
+    )
+    bundle = tmp_path / "4.bundle"
+    digest = build_bundle(bundle, manifest, files, [PUBLISHER])
+    release = Release(MODEL, "4.0.0", bundle, digest, bundle.stat().st_size, 4)
+    device.fetcher.by_digest[digest] = release
+    device.deploy(1, release)
+    assert device.outcomes() == [("4.0.0", Outcome.SUCCEEDED)]
+    assert "zeros" not in device.events()[-1].message
+
+
+def test_a_desired_state_that_arrives_while_the_disk_is_full_is_kept_and_applied_later(
+    device: Device, releases: dict[str, Release], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device.deploy(1, releases["v1"])
+    real_write = state_store_module.atomic_write_json
+
+    def disk_full(path: Path, value: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(state_store_module, "atomic_write_json", disk_full)
+    device.offer(2, releases["v2"])  # paho's thread: must not raise, must not lose it
+    assert device.store.state.accepted_sequence == 2
+    assert device.on_disk().accepted_sequence == 1
+    [rejection] = device.rejections()
+    assert rejection.code == "state_not_persisted" and "desired state 2" in rejection.message
+    assert device.last_reported().agent["health"].startswith("state_not_persisted")
+    assert device.reconciler.step() == device.config.retry_delay_s, "a retry is due"
+    assert device.fetcher.calls == [releases["v1"].digest], "deployed from a state that is not on disk"
+    device.assert_serves(releases["v1"])
+
+    monkeypatch.setattr(state_store_module, "atomic_write_json", real_write)  # space is back
+    assert device.reconciler.step() is None
+    assert device.on_disk().accepted_sequence == 2
+    assert device.outcomes()[-1] == ("2.0.0", Outcome.SUCCEEDED)
+    device.assert_serves(releases["v2"])
+    assert device.last_reported().agent["health"] == "ok"
+
+
+def test_temp_files_of_interrupted_writes_are_swept_on_start(device: Device, releases: dict[str, Release]) -> None:
+    device.deploy(1, releases["v1"])
+    leftovers = [device.data_dir / ".state.json.k1ll3d.tmp", device.data_dir / ".keyring.json.x.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half a state file")
+    rebooted = device.reboot()
+    assert [p for p in leftovers if p.exists()] == []
+    rebooted.assert_serves(releases["v1"])
+    rebooted.host.close_all()

@@ -252,7 +252,9 @@ def test_cancel_stops_the_download_and_keeps_its_progress(server, downloads: Pat
     thread = threading.Thread(target=run)
     thread.start()
     deadline = time.monotonic() + 5
-    while not ((downloads / f"{HEX}.have").exists() and len(_have(downloads)) == 3 * _PIECE // CHUNK):
+    have = downloads / f"{HEX}.have"
+    # The file exists before its 4-byte header is written: wait for the header too.
+    while not (have.exists() and have.stat().st_size >= 4 and len(_have(downloads)) == 3 * _PIECE // CHUNK):
         assert time.monotonic() < deadline, "the first bytes never arrived"
         time.sleep(0.01)
     cancel.set()  # a newer desired state arrives mid-download
