@@ -71,6 +71,7 @@ def desired_state_for(
     sequence: int,
     models: Iterable[ModelVersion],
     *,
+    retries: Mapping[str, int] | None = None,
     issued_at: float,
     ttl_s: float,
     shadows: Mapping[str, tuple[ModelVersion, float]] | None = None,
@@ -82,6 +83,7 @@ def desired_state_for(
         device_id: The device the state is bound to.
         sequence: Its sequence number (strictly greater than any the device accepted before).
         models: The :class:`ModelVersion` rows of the device's assignments, one per model name.
+        retries: By model name, the directive's ``retry`` (see :class:`ModelDirective`); 0 if absent.
         issued_at: Unix seconds of signing.
         ttl_s: Seconds until it expires.
         shadows: By model name, the candidate :class:`ModelVersion` and sample rate of the
@@ -101,6 +103,7 @@ def desired_state_for(
                 bundle_digest=m.bundle_digest,
                 bundle_size=m.bundle_size,
                 runtime=m.runtime,
+                retry=(retries or {}).get(m.name, 0),
                 urls=_bundle_urls(bundle_base_url, m.bundle_digest),
                 shadow=_shadow_directive(m, (shadows or {}).get(m.name), bundle_base_url),
             )
@@ -222,7 +225,7 @@ class DesiredStateService:
                 _remove_shadows(session, [device_id], model_name, now, only_version=version)  # promoted
             session.flush()
             _check_model_counts(session, ids)
-            issued += [self._issue(session, device_id, now) for device_id in ids]
+            issued += [self._issue(session, device_id, now, deploying=model_name) for device_id in ids]
             stamp = _utc(now)
             queued = "" if self._broker_up() else QUEUED_MESSAGE
             deployments = [
@@ -494,8 +497,14 @@ class DesiredStateService:
                 raise
             self._publish(issued)
 
-    def _issue(self, session: Session, device_id: str, now: float) -> tuple[DesiredState, bytes]:
-        """Bump the sequence, compute, sign and store the desired state of one device (no commit)."""
+    def _issue(
+        self, session: Session, device_id: str, now: float, *, deploying: str | None = None
+    ) -> tuple[DesiredState, bytes]:
+        """Bump the sequence, compute, sign and store the desired state of one device (no commit).
+
+        ``deploying`` names the model a new deployment is being recorded for (its row is added
+        after this, once the sequence is known): its directive's ``retry`` counts that deployment.
+        """
         sequence = session.exec(
             update(Device)
             .where(col(Device.id) == device_id)
@@ -512,10 +521,23 @@ class DesiredStateService:
             .join(Shadow, shadow_version())
             .where(Shadow.device_id == device_id)
         ).all()
+        # A directive's retry is the number of deployments of its model on this device: unchanged by
+        # re-signs and by other models' changes, and one more with each explicit deployment, which
+        # is how a device is asked to try again a bundle that failed there before.
+        retries = dict(
+            session.exec(
+                select(Deployment.model_name, func.count())
+                .where(Deployment.device_id == device_id)
+                .group_by(col(Deployment.model_name))
+            ).all()
+        )
+        if deploying is not None:
+            retries[deploying] = retries.get(deploying, 0) + 1
         state = desired_state_for(
             device_id,
             sequence,
             models,
+            retries=retries,
             issued_at=now,
             ttl_s=self._ttl_s,
             shadows={m.name: (m, rate) for m, rate in shadows},

@@ -151,7 +151,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, mosquitto: MosquittoBroker) 
         sources = {
             "crash/1.0.0": mlp_onnx(1),
             "crash/2.0.0": mlp_onnx(2),
-            "crash/2.0.0-bad": failing_onnx(),
+            "crash/2.0.0+bad": failing_onnx(),
             "disk/1.0.0": mlp_onnx(4),
             "disk/2.0.0": mlp_onnx(5, hidden=(1024, 1280)),  # ~5.3 MiB: downloads, cannot also unpack
             "disk/3.0.0": mlp_onnx(6),
@@ -273,7 +273,7 @@ def crash_runs(fleet: Fleet) -> dict[str, CrashRun]:
     """
     f = fleet
     runs = {
-        s: CrashRun(s, _device(s), f.models["crash/2.0.0-bad" if s == "rolling_back" else "crash/2.0.0"])
+        s: CrashRun(s, _device(s), f.models["crash/2.0.0+bad" if s == "rolling_back" else "crash/2.0.0"])
         for s in KILL_STATES
     }
     fault = {

@@ -526,7 +526,7 @@ def test_a_failed_bundle_is_not_deployed_again_by_each_new_desired_state(
     for sequence in (3, 4, 5):
         device.deploy(sequence, releases["bad"])
     assert device.fetcher.calls.count(releases["bad"].digest) == 1, "the known-bad bundle was deployed again"
-    assert device.outcomes() == [("1.0.0", Outcome.SUCCEEDED), ("2.0.0-bad", Outcome.FAILED_ROLLED_BACK)]
+    assert device.outcomes() == [("1.0.0", Outcome.SUCCEEDED), ("2.0.0+bad", Outcome.FAILED_ROLLED_BACK)]
     assert device.on_disk().failed == {MODEL: releases["bad"].digest}
     device.assert_serves(releases["v1"])
     # An explicit retry is one more attempt, with its own outcome, and only one.
@@ -759,8 +759,8 @@ def test_the_candidate_never_serves_before_its_health_check_passes(
 
     monkeypatch.setattr(executor_module, "pause_point", pause_point)
     device.deploy(2, releases["bad"])
-    assert device.outcomes()[-1] == ("2.0.0-bad", Outcome.FAILED_ROLLED_BACK)
-    assert "2.0.0-bad" not in served, "the unproven model was put into the serving host"
+    assert device.outcomes()[-1] == ("2.0.0+bad", Outcome.FAILED_ROLLED_BACK)
+    assert "2.0.0+bad" not in served, "the unproven model was put into the serving host"
     device.deploy(3, releases["v2"])
     assert serving_at["activating"] == serving_at["health_checking"] == "1.0.0"
     assert served[-1] == "2.0.0"

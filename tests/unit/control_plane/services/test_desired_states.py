@@ -295,3 +295,31 @@ def test_republish_all_sends_the_stored_envelopes_unchanged(
         assert service.republish_all(session) == 1
 
     assert publisher.sent[1:] == first
+
+
+def test_each_deployment_of_a_model_asks_again_and_nothing_else_does(
+    engine: Engine, service: DesiredStateService, publisher: FakePublisher, key: SigningKey
+) -> None:
+    # A device keeps a failed (model, digest) failed until the directive's retry changes, so
+    # deploying the same version again must change it, and re-signing or another model must not.
+    _seed(engine, ["dev-1"], [_model("mlp", "1.0", 1), _model("det", "1.0", 2)])
+
+    def retries() -> dict[str, int]:
+        state = _verify(publisher.sent[-1][1], key, "dev-1", now=T0 + 1)
+        return {m.name: m.retry for m in state.models}
+
+    with Session(engine) as session:
+        service.assign(session, ["dev-1"], "mlp", "1.0", now=T0)
+        first = retries()
+        service.assign(session, ["dev-1"], "det", "1.0", now=T0)
+        after_other = retries()
+        service.assign(session, ["dev-1"], "mlp", "1.0", now=T0)
+        again = retries()
+        service.resign_expiring(session, now=T0 + TTL_S)
+        resigned = retries()
+
+    assert first == {"mlp": 1}
+    assert after_other == {"mlp": 1, "det": 1}
+    assert again == {"mlp": 2, "det": 1}
+    assert resigned == again
+    assert len(publisher.sent) == 4
