@@ -213,8 +213,7 @@ def _read_manifest(
         raise UnsafeArchiveError(f"{ENVELOPE_MEMBER} is {member.size} bytes, over the limit")
     try:
         payload = open_envelope(
-            reader.read(member.size), payload_type=MANIFEST_PAYLOAD_TYPE, trusted_keys=trusted_keys,
-            threshold=threshold,
+            reader.read_all(), payload_type=MANIFEST_PAYLOAD_TYPE, trusted_keys=trusted_keys, threshold=threshold
         )
     except MessageError as exc:  # a malformed envelope is a bad bundle to every caller of this module
         raise BundleIntegrityError(f"{ENVELOPE_MEMBER} is not a DSSE envelope: {exc}") from exc

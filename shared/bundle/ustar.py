@@ -152,6 +152,13 @@ class MemberReader:
         self._left -= len(data)
         return data
 
+    def read_all(self) -> bytes:
+        """All of the member's bytes that are left (callers bound the size first)."""
+        parts = []
+        while part := self.read(1024 * 1024):
+            parts.append(part)
+        return b"".join(parts)
+
     def finish(self) -> None:
         """Skip what was not read and the padding, so the stream is at the next header."""
         while self.read(1024 * 1024):

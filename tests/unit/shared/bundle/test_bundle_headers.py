@@ -153,3 +153,11 @@ def test_an_unforeseen_failure_while_reading_is_a_refusal_with_a_code(
     with pytest.raises(UnsafeArchiveError, match="RecursionError") as caught:
         verify_bundle(path, trusted_keys=TRUSTED)
     assert caught.value.code == "bundle_unsafe"
+
+
+def test_an_envelope_cut_short_is_a_cut_archive_not_a_bad_envelope(tmp_path: Path) -> None:
+    _, envelope, _ = _signed_manifest(tmp_path)
+    path = tmp_path / "cut.bundle"
+    path.write_bytes(ustar.header(ENVELOPE_MEMBER, len(envelope)) + envelope[:100])
+    with pytest.raises(UnsafeArchiveError, match="a member is cut short"):
+        verify_bundle(path, trusted_keys=TRUSTED)
