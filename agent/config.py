@@ -229,6 +229,8 @@ class AgentConfig(BaseSettings):
     health_check_timeout_s: Seconds = 30.0
     slots_kept_per_model: Count = 2  # the active slot and one to roll back to
     retry_delay_s: Seconds = 5.0  # after a retryable failure (transfer), try the same desired state again
+    # deaths of the agent while a bundle is activated or checked before it ends runtime_crashed
+    max_interrupted_attempts_count: Count = 3
     retire_grace_s: Seconds = 5.0  # an old model stays open this long after a swap (serving/host.py)
 
     def __init__(self, **values: Any) -> None:

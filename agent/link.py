@@ -58,7 +58,7 @@ class MqttLink:
         config: BrokerConfig,
         on_message: Callable[[Leaf, bytes], None],
         on_connected: Callable[[], None] | None = None,
-        on_keyring: Callable[[bytes], None] | None = None,
+        on_keyring: Callable[[str, bytes], None] | None = None,
         *,
         link_factory: LinkFactory | None = None,
         clock: Callable[[], float] = time.time,
@@ -70,7 +70,7 @@ class MqttLink:
             config: Broker address, credentials and timing.
             on_message: Called with (leaf, payload) for each message on the device's topics.
             on_connected: Called after each (re)connect, once the online status is queued.
-            on_keyring: Called with each keyring payload; None: no keyring subscription.
+            on_keyring: Called with (topic, payload) of each keyring version; None: no keyring subscription.
             link_factory: Builds the underlying link; None: a paho driver of this link's own.
             clock: Unix seconds now, for the status messages.
 
@@ -135,4 +135,4 @@ class MqttLink:
         if leaf is not None:
             self._on_message(leaf, message.payload)
         elif self._on_keyring is not None and message.topic.startswith(KEYRING_ROOT + "/"):
-            self._on_keyring(message.payload)
+            self._on_keyring(message.topic, message.payload)

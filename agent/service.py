@@ -182,8 +182,8 @@ class Agent:
         elif leaf is Leaf.CHUNK_DATA:
             self.fetcher.on_message(payload)
 
-    def _on_keyring(self, payload: bytes) -> None:
-        self.reconciler.offer_keyring(payload)
+    def _on_keyring(self, topic: str, payload: bytes) -> None:
+        self.reconciler.offer_keyring(payload, topic=topic)
 
     def _on_connected(self) -> None:
         self.reconciler.publish_reported()

@@ -145,7 +145,7 @@ class Executor:
         if action.retry:
             log.warning(
                 "the agent died during %s of %s:%s (%d of %d): trying it again",
-                interrupted.value, progress.name, progress.version, count, planner.MAX_INTERRUPTED_ATTEMPTS,
+                interrupted.value, progress.name, progress.version, count, self._config.max_interrupted_attempts_count,
             )
             self._store.update(in_progress=None)  # not an outcome: the pass deploys it again
             return

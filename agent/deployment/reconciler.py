@@ -140,10 +140,15 @@ class Reconciler:
                 self._cancel.set()
             self.wake()
 
-    def offer_keyring(self, data: bytes) -> None:
-        """A keyring version arrived (paho thread): accept it in order, then retry a deferred state."""
+    def offer_keyring(self, data: bytes, *, topic: str | None = None) -> None:
+        """A keyring version arrived (network thread): accept it in order, then retry a deferred state.
+
+        Args:
+            data: The keyring bytes.
+            topic: The topic they came on; a topic naming another version than the payload's is refused.
+        """
         try:
-            changed = self._trust.offer_keyring(data)
+            changed = self._trust.offer_keyring(data, topic=topic)
         except EdgefleetError as exc:
             self._reject(RejectionSubject.KEYRING, exc)
             return
@@ -193,7 +198,7 @@ class Reconciler:
         for path in self._store.sweep_temp_files():
             log.warning("removed %s, left by an interrupted write", path.name)
         self._executor.sweep_unpacking()
-        for action in plan_recovery(self._store.state):
+        for action in plan_recovery(self._store.state, max_interrupted=self._config.max_interrupted_attempts_count):
             progress = action.progress
             log.warning(
                 "recovering deployment %s:%s from state %s: %s",

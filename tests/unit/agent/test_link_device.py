@@ -12,12 +12,14 @@ from edgefleet.shared.wire.topics import KEYRING_ROOT, Leaf, device_topic
 NOW = 1_800_000_000.0
 
 
-def _device_link(broker: MemoryBroker, received: list[tuple[Leaf, bytes]], keyrings: list[bytes]) -> MqttLink:
+def _device_link(
+    broker: MemoryBroker, received: list[tuple[Leaf, bytes]], keyrings: list[tuple[str, bytes]]
+) -> MqttLink:
     return MqttLink(
         "dev-1",
         BrokerConfig(host="memory", port=1883),
         lambda leaf, payload: received.append((leaf, payload)),
-        on_keyring=keyrings.append,
+        on_keyring=lambda topic, payload: keyrings.append((topic, payload)),
         link_factory=broker,
         clock=lambda: NOW,
     )
@@ -49,7 +51,7 @@ def test_a_clean_stop_says_offline_itself() -> None:
 def test_messages_are_handed_over_by_leaf_and_keyrings_apart() -> None:
     broker = MemoryBroker()
     received: list[tuple[Leaf, bytes]] = []
-    keyrings: list[bytes] = []
+    keyrings: list[tuple[str, bytes]] = []
     link = _device_link(broker, received, keyrings)
     broker.publish(device_topic("dev-1", Leaf.DESIRED), b"desired", retain=True)
     broker.publish(f"{KEYRING_ROOT}/3", b"keyring", retain=True)
@@ -59,7 +61,7 @@ def test_messages_are_handed_over_by_leaf_and_keyrings_apart() -> None:
     broker.run_until_idle()
 
     assert received == [(Leaf.DESIRED, b"desired"), (Leaf.CHUNK_DATA, b"chunk")]
-    assert keyrings == [b"keyring"]
+    assert keyrings == [(f"{KEYRING_ROOT}/3", b"keyring")]  # with its topic: the version must match
 
 
 def test_what_is_published_while_offline_leaves_after_reconnecting() -> None:

@@ -15,7 +15,7 @@ from edgefleet.agent.transfer.mqtt_chunks import ChunkFetcher
 from edgefleet.shared.trust.keyring import Keyring, build_keyring, next_version, sign_keyring
 from edgefleet.shared.trust.signing import SigningKey
 from edgefleet.shared.wire.messages import RejectionEvent, RejectionSubject, decode_event
-from edgefleet.shared.wire.topics import Leaf
+from edgefleet.shared.wire.topics import Leaf, keyring_topic
 
 ROOT, PUB, ONLINE, ROGUE = (SigningKey.generate() for _ in range(4))
 
@@ -78,4 +78,17 @@ def test_rogue_future_far_future_and_rolled_back_keyrings_each_publish_a_rejecti
 
     published.clear()
     reconciler.offer_keyring(v1)  # the genuine retained history: not an attack
+    assert _events(published) == []
+
+
+def test_a_keyring_on_another_versions_topic_is_refused_with_an_event(agent) -> None:
+    reconciler, published, v1 = agent
+    v2 = sign_keyring(next_version(Keyring.load_trusted(v1)), [ROOT])
+
+    reconciler.offer_keyring(v2, topic=keyring_topic(3))
+
+    [event] = _events(published)
+    assert event.code == "untrusted"
+    published.clear()
+    reconciler.offer_keyring(v2, topic=keyring_topic(2))  # the same bytes on their own topic
     assert _events(published) == []
