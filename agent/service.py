@@ -31,7 +31,7 @@ from edgefleet.agent.serving.v2_api import create_inference_app
 from edgefleet.agent.transfer.bandwidth import BandwidthLimiter
 from edgefleet.agent.transfer.http import HttpFetcher
 from edgefleet.agent.transfer.mqtt_chunks import ChunkFetcher
-from edgefleet.shared.errors import NotFoundError
+from edgefleet.shared.errors import ConfigError, NotFoundError
 from edgefleet.shared.link.base import LinkFactory
 from edgefleet.shared.wire.chunks import ChunkRequest
 from edgefleet.shared.wire.topics import Leaf
@@ -171,7 +171,8 @@ class Agent:
         while not self._api_server.started and time.monotonic() < deadline:
             time.sleep(0.01)
         if not self._api_server.started:
-            raise RuntimeError(f"local API did not start on {self.config.api.host}:{self.config.api.port}")
+            api = f"{self.config.api.host}:{self.config.api.port}"
+            raise ConfigError(f"local API did not start on {api} (port in use?)")
         log.info("local inference API on http://%s:%d/v2", self.config.api.host, self.config.api.port)
 
     # -- MQTT plumbing -------------------------------------------------------------------------

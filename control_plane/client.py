@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from edgefleet.shared.errors import EdgefleetError, NotFoundError, TransferError
+from edgefleet.shared.errors import EdgefleetError, MessageError, NotFoundError, TransferError
 
 DEFAULT_API_URL = "http://127.0.0.1:8700"
 TOKEN_ENV = "EDGEFLEET_TOKEN"
@@ -109,9 +109,10 @@ class EdgefleetClient:
             raise TransferError(f"cannot reach the control plane at {self._http.base_url}: {exc}") from exc
         if response.status_code >= 400:
             try:
-                detail = response.json().get("detail", response.text)
+                body = response.json()
             except ValueError:
-                detail = response.text
+                body = None
+            detail = body.get("detail", response.text) if isinstance(body, dict) else response.text
             if isinstance(detail, dict):
                 detail = detail.get("message", detail)
             if response.status_code == 404:
@@ -119,7 +120,12 @@ class EdgefleetClient:
             if response.status_code == 401 and not self._has_token:
                 detail = _NO_TOKEN_HINT
             raise ApiError(response.status_code, str(detail))
-        return response.json() if response.content else None
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise MessageError(f"{self._http.base_url} answered {method} {path} with a body that is not JSON") from exc
 
     def healthy(self) -> bool:
         """True if the control plane answers its health check."""

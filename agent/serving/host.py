@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 
 from edgefleet.agent.serving.shadow import ShadowedModel, ShadowRunner
+from edgefleet.shared.errors import NotFoundError
 from edgefleet.shared.runtimes import LoadedModel
 
 
@@ -67,12 +68,12 @@ class ModelHost:
             The runner it replaced, for the caller to close.
 
         Raises:
-            KeyError: No model ``name`` is serving (a shadow needs something to compare with).
+            NotFoundError: No model ``name`` is serving (a shadow needs something to compare with).
         """
         with self._write_lock:
             serving = self._models.get(name)
             if serving is None:
-                raise KeyError(f"model {name!r} is not serving")
+                raise NotFoundError(f"model {name!r} is not serving")
             runner.bind(serving)
             old = self._shadows.get(name)
             self._shadows = {**self._shadows, name: runner}

@@ -128,7 +128,7 @@ class PartialDownload:
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write bytes at ``offset`` (within the bundle's size)."""
         if offset < 0 or offset + len(data) > self.size:
-            raise ValueError(f"write of {len(data)} bytes at {offset} is outside a {self.size}-byte bundle")
+            raise BundleIntegrityError(f"write of {len(data)} bytes at {offset} is outside a {self.size}-byte bundle")
         view = memoryview(data)
         while view:
             written = os.pwrite(self._fd, view, offset)

@@ -30,6 +30,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel, col
 
+from edgefleet.shared.errors import ConfigError
 from edgefleet.shared.wire.messages import Outcome
 
 
@@ -47,7 +48,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         if value.tzinfo is None:
-            raise ValueError("naive datetimes are ambiguous; pass an aware UTC datetime")
+            raise ConfigError("naive datetimes are ambiguous; pass an aware UTC datetime")
         return value.astimezone(UTC).replace(tzinfo=None)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:

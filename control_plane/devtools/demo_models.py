@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgefleet.shared.errors import ConfigError
 from edgefleet.shared.files import atomic_write_bytes
 
 INPUT_NAME = "input"
@@ -66,22 +67,22 @@ class MLPWeights:
                 shapes of consecutive layers do not chain.
         """
         if not self.layers:
-            raise ValueError("an MLP needs at least one layer")
+            raise ConfigError("an MLP needs at least one layer")
         frozen: list[tuple[np.ndarray, np.ndarray]] = []
         previous_out: int | None = None
         for index, (w, b) in enumerate(self.layers):
             w_arr = np.asarray(w)
             b_arr = np.asarray(b)
             if w_arr.dtype != np.float32 or b_arr.dtype != np.float32:
-                raise ValueError(f"layer {index}: weights and bias must be float32")
+                raise ConfigError(f"layer {index}: weights and bias must be float32")
             if w_arr.ndim != 2 or b_arr.ndim != 1 or b_arr.shape[0] != w_arr.shape[1]:
-                raise ValueError(
+                raise ConfigError(
                     f"layer {index}: expected W [in, out] and b [out], got {w_arr.shape} and {b_arr.shape}"
                 )
             if min(w_arr.shape) < 1:
-                raise ValueError(f"layer {index}: empty weight matrix {w_arr.shape}")
+                raise ConfigError(f"layer {index}: empty weight matrix {w_arr.shape}")
             if previous_out is not None and w_arr.shape[0] != previous_out:
-                raise ValueError(
+                raise ConfigError(
                     f"layer {index}: takes {w_arr.shape[0]} inputs but the previous layer "
                     f"gives {previous_out}"
                 )
@@ -129,7 +130,7 @@ def make_mlp_weights(
     """
     widths = (n_inputs, *hidden, n_outputs)
     if any(int(width) < 1 for width in widths):
-        raise ValueError(f"every layer width must be >= 1, got {widths}")
+        raise ConfigError(f"every layer width must be >= 1, got {widths}")
     rng = np.random.default_rng(seed)
     layers: list[tuple[np.ndarray, np.ndarray]] = []
     last = len(widths) - 2
@@ -160,7 +161,7 @@ def reference_predict(weights: MLPWeights, x: np.ndarray) -> np.ndarray:
     """
     h = np.asarray(x)
     if h.ndim != 2 or h.shape[1] != weights.n_inputs:
-        raise ValueError(f"expected input of shape [N, {weights.n_inputs}], got {h.shape}")
+        raise ConfigError(f"expected input of shape [N, {weights.n_inputs}], got {h.shape}")
     # float64 throughout: the reference should be closer to the exact answer than either
     # float32 runtime, so a mismatch is the runtime's rounding, not the reference's.
     h = h.astype(np.float64)

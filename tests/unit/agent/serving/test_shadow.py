@@ -34,7 +34,7 @@ from edgefleet.control_plane.db.tables import Assignment, Device, ModelVersion, 
 from edgefleet.control_plane.devtools.demo_models import build_onnx_mlp, make_mlp_weights
 from edgefleet.control_plane.services.desired_states import desired_state_for
 from edgefleet.shared.bundle.format import build_bundle, make_manifest
-from edgefleet.shared.errors import InferenceError, TransferError
+from edgefleet.shared.errors import InferenceError, NotFoundError, TransferError
 from edgefleet.shared.runtimes import load_model
 from edgefleet.shared.runtimes.base import LoadedModel
 from edgefleet.shared.tensors import TensorSpec
@@ -308,7 +308,7 @@ def test_attach_needs_a_serving_model_and_close_all_stops_shadows() -> None:
     host = ModelHost()
     candidate = StubModel("2", lambda x: x)
     runner = ShadowRunner(candidate, bundle_digest=DIGEST, sample_rate=1.0)
-    with pytest.raises(KeyError):
+    with pytest.raises(NotFoundError):
         host.attach_shadow("m", runner)
     serving = StubModel("1", lambda x: x)
     host.swap("m", serving)

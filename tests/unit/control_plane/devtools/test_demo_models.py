@@ -19,6 +19,7 @@ from edgefleet.control_plane.devtools.demo_models import (
     reference_predict,
     write_demo_models,
 )
+from edgefleet.shared.errors import ConfigError
 
 # Both runtimes compute in float32; the reference in float64. Observed differences are ~1e-7.
 RTOL = ATOL = 1e-5
@@ -222,7 +223,7 @@ def test_weights_are_immutable_copies() -> None:
     weights = MLPWeights(layers=((w, b),))
     w[0, 0] = 5.0
     assert weights.layers[0][0][0, 0] == 1.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="read-only"):  # numpy's own refusal of a frozen array
         weights.layers[0][0][0, 0] = 2.0
 
 
@@ -240,21 +241,21 @@ def test_weights_are_immutable_copies() -> None:
     ids=["empty", "float64", "bias-shape", "chain-mismatch"],
 )
 def test_invalid_weights_are_rejected(layers: tuple) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         MLPWeights(layers=layers)
 
 
 def test_invalid_widths_are_rejected() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         make_mlp_weights(n_inputs=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         make_mlp_weights(hidden=(8, 0))
 
 
 def test_reference_rejects_wrong_input_shape(weights: MLPWeights) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         reference_predict(weights, np.zeros((2, weights.n_inputs + 1), np.float32))
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         reference_predict(weights, np.zeros(weights.n_inputs, np.float32))
 
 
