@@ -30,7 +30,7 @@ from pathlib import Path
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.deployment import planner
 from edgefleet.agent.deployment.compatibility import raised_floor
-from edgefleet.agent.deployment.failures import Failure, StepFailed, attempt, drops_download
+from edgefleet.agent.deployment.failures import MAX_MESSAGE_CHARS, Failure, StepFailed, attempt, drops_download
 from edgefleet.agent.deployment.faults import pause_point
 from edgefleet.agent.deployment.machine import Event, State, Step, advance
 from edgefleet.agent.deployment.shadow_installer import ShadowInstaller
@@ -42,7 +42,6 @@ from edgefleet.shared.wire.messages import DeploymentEvent, Outcome
 from edgefleet.shared.wire.topics import Leaf
 
 log = logging.getLogger(__name__)
-_MAX_MESSAGE_CHARS = 2000
 RUNTIME_CRASHED = "runtime_crashed"  # the code of a bundle the agent kept dying in
 AGENT_RESTARTED = "agent_restarted"  # the code of a failure the agent died while rolling back from
 
@@ -231,7 +230,11 @@ class Executor:
     def _go_live(self, new: ActiveModel, model: LoadedModel) -> None:
         """Serve a candidate that passed its health check (recorded first: recovery rolls it back)."""
         self._store.update(active={**self._store.state.active, new.name: new})
-        old = self._host.swap(new.name, model)
+        self._serve(new.name, model)
+
+    def _serve(self, name: str, model: LoadedModel | None) -> None:
+        """Make ``model`` (or nothing) what the host serves as ``name``; the model it replaces is retired."""
+        old = self._host.swap(name, model)
         if old is not None:
             self._host.retire(old)
 
@@ -274,9 +277,7 @@ class Executor:
         if previous is not None:
             active[progress.name] = previous
         self._store.update(active=active)
-        old = self._host.swap(progress.name, model)
-        if old is not None:
-            self._host.retire(old)
+        self._serve(progress.name, model)
         self._discard_failed_slot(progress)
 
     def _discard_failed_slot(self, progress: InProgress) -> None:
@@ -309,7 +310,7 @@ class Executor:
             bundle_digest=progress.bundle_digest,
             outcome=outcome,
             error_code=code,
-            message=message[:_MAX_MESSAGE_CHARS],
+            message=message[:MAX_MESSAGE_CHARS],
             duration_s=max(0.0, self._clock() - progress.started_at),
         )
         log.info("deployment %s:%s ended: %s %s", progress.name, progress.version, outcome.value, message)
@@ -319,9 +320,7 @@ class Executor:
         active = dict(self._store.state.active)
         active.pop(name, None)
         self._store.update(active=active)
-        old = self._host.swap(name, None)
-        if old is not None:
-            self._host.retire(old)
+        self._serve(name, None)
         log.info("model %s removed (no longer desired)", name)
 
     def _prune_slots(self, name: str, keep: set[str]) -> None:

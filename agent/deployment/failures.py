@@ -22,7 +22,7 @@ from edgefleet.agent.deployment.machine import TRANSITIONS, Event, State
 from edgefleet.agent.transfer.mqtt_chunks import Cancelled
 from edgefleet.shared.errors import BundleError, EdgefleetError, MessageError, TrustError
 
-_MAX_MESSAGE_CHARS = 2000
+MAX_MESSAGE_CHARS = 2000  # characters of a message an event or a stored failure keeps
 _T = TypeVar("_T")
 
 # Exception class -> event. A class's code comes from the exception itself (EdgefleetError.code),
@@ -55,7 +55,7 @@ def classify(exc: Exception, state: State) -> Failure:
         event = Event.FAIL  # after activation began only a failure (and its rollback) is possible
     code = exc.code if isinstance(exc, EdgefleetError) else type(exc).__name__
     retryable = event is Event.FAIL and isinstance(exc, EdgefleetError) and exc.retryable
-    return Failure(event=event, code=code, message=str(exc)[:_MAX_MESSAGE_CHARS], retryable=retryable)
+    return Failure(event=event, code=code, message=str(exc)[:MAX_MESSAGE_CHARS], retryable=retryable)
 
 
 class StepFailed(EdgefleetError):

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.deployment.executor import Executor
+from edgefleet.agent.deployment.failures import MAX_MESSAGE_CHARS
 from edgefleet.agent.deployment.planner import (
     CLOSING,
     Facts,
@@ -55,7 +56,6 @@ from edgefleet.shared.wire.messages import (
 from edgefleet.shared.wire.topics import Leaf
 
 log = logging.getLogger(__name__)
-_MAX_MESSAGE_CHARS = 2000
 _MAX_HEALTH_CHARS = 255  # an agent info value
 HEALTH_OK = "ok"
 STATE_NOT_PERSISTED = "state_not_persisted"  # the code of the event, and the prefix of the health value
@@ -172,7 +172,7 @@ class Reconciler:
             ts=self._clock(),
             subject=subject,
             code=code,
-            message=message[:_MAX_MESSAGE_CHARS],
+            message=message[:MAX_MESSAGE_CHARS],
         )
         self._publish(Leaf.EVENTS, event.encode(), False)
 

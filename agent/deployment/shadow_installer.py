@@ -13,7 +13,7 @@ import dataclasses
 import logging
 
 from edgefleet.agent.config import ShadowConfig
-from edgefleet.agent.deployment.failures import Failure, StepFailed, attempt, drops_download
+from edgefleet.agent.deployment.failures import MAX_MESSAGE_CHARS, Failure, StepFailed, attempt, drops_download
 from edgefleet.agent.deployment.machine import Event, State
 from edgefleet.agent.deployment.planner import DeployShadow, LoadShadow, RecoverShadows, RetuneShadow
 from edgefleet.agent.deployment.shadow_machine import ShadowEvent, ShadowState, advance_shadow
@@ -26,7 +26,6 @@ from edgefleet.shared.runtimes import LoadedModel
 from edgefleet.shared.wire.messages import ModelDirective
 
 log = logging.getLogger(__name__)
-_MAX_MESSAGE_CHARS = 2000
 
 
 class ShadowInstaller:
@@ -174,7 +173,7 @@ class ShadowInstaller:
             dataclasses.replace(
                 entry,
                 state=advance_shadow(state, ShadowEvent.FAIL),
-                message=f"{failure.code}: {failure.message}"[:_MAX_MESSAGE_CHARS],
+                message=f"{failure.code}: {failure.message}"[:MAX_MESSAGE_CHARS],
                 failed_sequence=sequence,
             )
         )
