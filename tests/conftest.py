@@ -10,6 +10,8 @@ from sqlalchemy import Engine
 from support.control_plane import fresh_engine
 
 from edgefleet.control_plane.broker.embedded import BrokerSettings, MosquittoBroker, find_mosquitto, start_mosquitto
+from edgefleet.control_plane.bundles.store import BundleStore
+from edgefleet.control_plane.services.keys import ControlPlaneKeys, load_or_create_keys
 
 _MISSING_MOSQUITTO = (
     "the mosquitto binary is required by these tests and was not found on PATH or in /usr/sbin; "
@@ -49,3 +51,17 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
     """A fresh control-plane database (see :func:`support.control_plane.fresh_engine`); a module may
     override it with a fixture of the same name that requests this one and seeds it."""
     yield from fresh_engine(tmp_path)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[BundleStore]:
+    """A bundle store of this test's own with a 1 MiB chunk cache; a module may override it (another cache size)."""
+    store = BundleStore(tmp_path / "bundles", cache_bytes=1 << 20)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> ControlPlaneKeys:
+    """The control plane's signing keys, created in this test's own directory."""
+    return load_or_create_keys(tmp_path / "keys")

@@ -37,6 +37,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from support.tcp_proxy import TcpProxy
+from support.waiting import eventually
 
 from edgefleet.agent.deployment.planner import MAX_INTERRUPTED_ATTEMPTS
 from edgefleet.agent.deployment.state_store import STATE_FILE, AgentState
@@ -187,11 +188,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, mosquitto: MosquittoBroker) 
 
 
 def _wait(what: str, condition: Callable[[], bool], timeout_s: float = 30.0, poll_s: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(poll_s)
+    failure = f"timed out after {timeout_s:.0f} s waiting for {what}"
+    eventually(condition, timeout_s=timeout_s, failure=failure, poll_s=poll_s)
 
 
 def _deploy(f: Fleet, key: str, devices: list[str], timeout_s: float = 60.0) -> dict[str, dict[str, Any]]:

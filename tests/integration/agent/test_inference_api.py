@@ -19,9 +19,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from ai_edge_litert.interpreter import Interpreter
 from fastapi import FastAPI
 from onnx import TensorProto, helper, numpy_helper
+from support.runtimes import direct_tflite
 
 from edgefleet.agent.config import BatchingConfig
 from edgefleet.agent.serving.v2_api import create_inference_app, decode_infer_request, encode_infer_response
@@ -127,16 +127,6 @@ def client(registry: DictRegistry) -> Iterator[Client]:
 def direct_onnx(path: Path, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(["probabilities"], {"input": x})[0]
-
-
-def direct_tflite(path: Path, x: np.ndarray) -> np.ndarray:
-    interpreter = Interpreter(model_path=str(path))
-    (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
-    interpreter.resize_tensor_input(inp["index"], x.shape, strict=True)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], x)
-    interpreter.invoke()
-    return interpreter.get_tensor(out["index"])
 
 
 def infer_body(x: np.ndarray, *, name: str = "input", datatype: str = "FP32", **extra: Any) -> dict[str, Any]:

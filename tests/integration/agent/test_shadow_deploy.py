@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, TypeVar
 import httpx
 import numpy as np
 import pytest
+from support.waiting import eventually
 
 from edgefleet.control_plane.broker.embedded import MosquittoBroker
 from edgefleet.control_plane.client import EdgefleetClient
@@ -73,14 +73,7 @@ def _live(api_url: str) -> bool:
 
 
 def _wait(probe: Callable[[], T], timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s: {what}")
-        time.sleep(0.05)
+    return eventually(probe, timeout_s=timeout_s, failure=f"timed out after {timeout_s} s: {what}")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
 import uvicorn
-from ai_edge_litert.interpreter import Interpreter
+from support.runtimes import direct_tflite
 from tritonclient.utils import InferenceServerException
 
 from edgefleet.agent.config import BatchingConfig
@@ -82,13 +82,7 @@ def direct(runtime: str, model_files: dict[str, Path], x: np.ndarray) -> np.ndar
     if runtime == "onnx":
         session = ort.InferenceSession(str(model_files["onnx"]), providers=["CPUExecutionProvider"])
         return session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-    interpreter = Interpreter(model_path=str(model_files["tflite"]))
-    (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
-    interpreter.resize_tensor_input(inp["index"], x.shape, strict=True)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], x)
-    interpreter.invoke()
-    return interpreter.get_tensor(out["index"])
+    return direct_tflite(model_files["tflite"], x)
 
 
 def make_input(x: np.ndarray, binary: bool) -> triton.InferInput:

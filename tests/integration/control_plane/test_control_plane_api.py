@@ -32,6 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import text
 from sqlmodel import SQLModel
 from support.auth import admin_headers
+from support.waiting import eventually
 
 from edgefleet.control_plane.app import create_app
 from edgefleet.control_plane.broker.embedded import MosquittoBroker, free_port
@@ -184,14 +185,7 @@ def _unique(prefix: str) -> str:
 
 def _eventually(probe: Callable[[], T], what: str, timeout_s: float = WAIT_S) -> T:
     """Poll ``probe`` until it returns something truthy, and return that."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    return eventually(probe, timeout_s=timeout_s, failure=f"timed out waiting for {what}")
 
 
 def _publish_model(api: httpx.Client, path: Path, name: str, version: str, **fields: str) -> httpx.Response:

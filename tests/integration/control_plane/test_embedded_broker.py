@@ -161,6 +161,24 @@ def unique_topic(name: str) -> str:
     return f"test/{name}/{uuid.uuid4().hex[:10]}"
 
 
+def _publish_to_an_offline_session(
+    broker: BrokerHandle, clients: Callable[..., Client], name: str, payloads: list[bytes]
+) -> tuple[str, str]:
+    """A persistent session subscribes to a new topic at QoS 1 and disconnects; then ``payloads`` are
+    published there at QoS 1, each acknowledged by the broker. Returns (topic, the session's client id)."""
+    topic = unique_topic(name)
+    device_id = f"device-{uuid.uuid4().hex[:10]}"
+    device = clients(broker, device_id, clean_session=False).connect()
+    device.subscribe(topic, qos=1)
+    device.close()
+    assert device.wait_disconnected()
+    publisher = clients(broker).connect()
+    infos = [publisher.publish(topic, payload, qos=1) for payload in payloads]
+    for info in infos:
+        info.wait_for_publish(WAIT_S)
+    return topic, device_id
+
+
 def process_gone(pid: int) -> bool:
     """True when ``pid`` no longer runs (a zombie left to a non-reaping init counts as gone)."""
     try:
@@ -218,18 +236,8 @@ def test_retained_message_reaches_a_later_subscriber(broker: BrokerHandle, clien
 def test_persistent_session_gets_qos1_messages_published_while_offline(
     broker: BrokerHandle, clients: Callable[..., Client]
 ) -> None:
-    topic = unique_topic("offline")
-    device_id = f"device-{uuid.uuid4().hex[:10]}"
-    device = clients(broker, device_id, clean_session=False).connect()
-    device.subscribe(topic, qos=1)
-    device.close()
-    assert device.wait_disconnected()
-
-    publisher = clients(broker).connect()
     sent = [f"directive-{i}".encode() for i in range(20)]
-    infos = [publisher.publish(topic, payload, qos=1) for payload in sent]
-    for info in infos:
-        info.wait_for_publish(WAIT_S)
+    topic, device_id = _publish_to_an_offline_session(broker, clients, "offline", sent)
 
     device_again = clients(broker, device_id, clean_session=False).connect()  # no new SUBSCRIBE
     received = device_again.wait_for(len(sent))
@@ -352,17 +360,8 @@ def test_mosquitto_restart_keeps_retained_messages(
 def test_mosquitto_restart_keeps_a_persistent_sessions_queue(
     fresh_mosquitto: MosquittoBroker, clients: Callable[..., Client]
 ) -> None:
-    topic = unique_topic("queued")
-    device_id = f"device-{uuid.uuid4().hex[:10]}"
-    device = clients(fresh_mosquitto, device_id, clean_session=False).connect()
-    device.subscribe(topic, qos=1)
-    device.close()
-    assert device.wait_disconnected()
-    publisher = clients(fresh_mosquitto).connect()
     sent = [f"chunk-{i}".encode() for i in range(50)]
-    infos = [publisher.publish(topic, payload, qos=1) for payload in sent]
-    for info in infos:
-        info.wait_for_publish(WAIT_S)
+    _, device_id = _publish_to_an_offline_session(fresh_mosquitto, clients, "queued", sent)
 
     fresh_mosquitto.restart()
 

@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlmodel import Session
+from support.waiting import within
 
 from edgefleet.control_plane.api.deps import ControlPlane
 from edgefleet.control_plane.app import create_app
@@ -71,13 +72,8 @@ def _broker_pid(data_dir: Path) -> int | None:
     return None
 
 
-def _wait(predicate: object, timeout_s: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
+def _wait(predicate: Callable[[], object], timeout_s: float = WAIT_S) -> bool:
+    return within(predicate, timeout_s, poll_s=0.05)
 
 
 def _retained(host: str, port: int, topic: str) -> bytes | None:

@@ -4,7 +4,6 @@ errors that name the user's file and never a server path, and publishing through
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +15,9 @@ from sqlmodel import Session, select
 from support.hostile_models import empty_tflite
 
 from edgefleet.control_plane.bundles.store import BundleStore
-from edgefleet.control_plane.db.engine import create_db_engine, create_tables
 from edgefleet.control_plane.db.tables import ModelVersion
 from edgefleet.control_plane.devtools.demo_models import build_onnx_mlp, build_tflite_mlp, make_mlp_weights
-from edgefleet.control_plane.services.keys import ControlPlaneKeys, load_or_create_keys
+from edgefleet.control_plane.services.keys import ControlPlaneKeys
 from edgefleet.control_plane.services.model_check import CheckLimits, check_model, load_in_sandbox
 from edgefleet.control_plane.services.publishing import HEALTH_INPUTS_FILE, publish_model
 from edgefleet.shared.bundle.format import verify_bundle
@@ -28,26 +26,6 @@ from edgefleet.shared.errors import MessageError, RuntimeLoadError
 WEIGHTS = make_mlp_weights(seed=5)
 ONNX_MLP = build_onnx_mlp(WEIGHTS)
 TFLITE_MLP = build_tflite_mlp(WEIGHTS)
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'cp.db'}")
-    create_tables(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[BundleStore]:
-    store = BundleStore(tmp_path / "bundles", cache_bytes=1 << 20)
-    yield store
-    store.close()
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> ControlPlaneKeys:
-    return load_or_create_keys(tmp_path / "keys")
 
 
 def _upload(tmp_path: Path, data: bytes) -> Path:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,22 +14,10 @@ from edgefleet.control_plane.bundles.store import BundleStore
 from edgefleet.control_plane.db.tables import ModelVersion
 from edgefleet.control_plane.devtools.demo_models import MLPWeights, build_onnx_mlp, build_tflite_mlp, make_mlp_weights
 from edgefleet.control_plane.errors import ConflictError
-from edgefleet.control_plane.services.keys import ControlPlaneKeys, load_or_create_keys
+from edgefleet.control_plane.services.keys import ControlPlaneKeys
 from edgefleet.control_plane.services.publishing import infer_runtime, publish_model
 from edgefleet.shared.bundle.format import sha256_file, verify_bundle
 from edgefleet.shared.errors import MessageError, RuntimeLoadError
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[BundleStore]:
-    store = BundleStore(tmp_path / "bundles", cache_bytes=1 << 20)
-    yield store
-    store.close()
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> ControlPlaneKeys:
-    return load_or_create_keys(tmp_path / "keys")
 
 
 def _write(tmp_path: Path, name: str, data: bytes) -> Path:

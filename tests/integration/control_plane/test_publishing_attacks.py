@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from edgefleet.control_plane.bundles.store import BundleStore
-from edgefleet.control_plane.db.engine import create_db_engine, create_tables
 from edgefleet.control_plane.db.tables import ModelVersion
 from edgefleet.control_plane.devtools.demo_models import build_onnx_mlp, make_mlp_weights
 from edgefleet.control_plane.services.keys import load_or_create_keys
@@ -23,21 +21,6 @@ from edgefleet.shared.bundle import ustar
 from edgefleet.shared.bundle.format import make_manifest, write_bundle
 from edgefleet.shared.errors import BundleIntegrityError, MessageError, UnsafeArchiveError
 from edgefleet.shared.trust.signing import SigningKey
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'cp.db'}")
-    create_tables(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[BundleStore]:
-    store = BundleStore(tmp_path / "bundles", cache_bytes=1 << 20)
-    yield store
-    store.close()
 
 
 @pytest.mark.parametrize("version", ["legacy", "v2-final"])

@@ -12,12 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from support.waiting import eventually
 
 from edgefleet.control_plane.broker.embedded import MosquittoBroker
 from edgefleet.control_plane.client import EdgefleetClient
@@ -52,11 +52,7 @@ def _keyring_version(fleet: LocalFleet, device_id: str) -> int:
 
 
 def _wait(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    eventually(predicate, timeout_s=timeout_s, failure=f"timed out waiting for {what}", poll_s=0.1)
 
 
 def _served_version(fleet: LocalFleet, device_id: str, model: str) -> str | None:

@@ -6,24 +6,14 @@ from dataclasses import replace
 
 import pytest
 from msgspec.structs import replace as replace_struct
+from support.manifests import MANIFEST
 
 from edgefleet.agent.deployment.compatibility import check_installable, preferred_providers, raised_floor
-from edgefleet.shared.bundle.manifest import Compatibility, FileEntry, Manifest
+from edgefleet.shared.bundle.manifest import Compatibility, Manifest
 from edgefleet.shared.errors import DowngradeError, IncompatibleBundleError
-from edgefleet.shared.tensors import TensorSpec
 from edgefleet.shared.wire.messages import ModelDirective
 
 DIGEST = "sha256:" + "ab" * 32
-MANIFEST = Manifest(
-    name="det",
-    version="2.0.0",
-    runtime="onnx",
-    model_file="model.onnx",
-    files=(FileEntry(path="model.onnx", sha256="cd" * 32, size=10),),
-    inputs=(TensorSpec(name="x", datatype="FP32", shape=(-1, 4)),),
-    outputs=(TensorSpec(name="y", datatype="FP32", shape=(-1, 2)),),
-    created_at="2026-11-28T00:00:00+00:00",
-)
 DIRECTIVE = ModelDirective(name="det", version="2.0.0", bundle_digest=DIGEST, bundle_size=100, runtime="onnx")
 
 

@@ -6,13 +6,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from support.keyrings import keyring_metadata
 
 from edgefleet.agent.config import AgentConfig, TransferConfig, TrustConfig
 from edgefleet.agent.deployment.reconciler import Reconciler
 from edgefleet.agent.deployment.state_store import StateStore
 from edgefleet.agent.serving.host import ModelHost
 from edgefleet.agent.transfer.mqtt_chunks import ChunkFetcher
-from edgefleet.shared.trust.keyring import Keyring, build_keyring, next_version, sign_keyring
+from edgefleet.shared.trust.keyring import Keyring, next_version, sign_keyring
 from edgefleet.shared.trust.signing import SigningKey
 from edgefleet.shared.wire.messages import RejectionEvent, RejectionSubject, decode_event
 from edgefleet.shared.wire.topics import Leaf, keyring_topic
@@ -21,15 +22,8 @@ ROOT, PUB, ONLINE, ROGUE = (SigningKey.generate() for _ in range(4))
 
 
 def _keyring(version: int, key: SigningKey, publisher: SigningKey) -> bytes:
-    metadata = build_keyring(
-        version=version,
-        root_keys=[key.public_key],
-        root_threshold=1,
-        publisher_keys=[publisher.public_key],
-        publisher_threshold=1,
-        online_keys=[ONLINE.public_key],
-        expires=datetime.now(UTC) + timedelta(days=365),
-    )
+    expires = datetime.now(UTC) + timedelta(days=365)
+    metadata = keyring_metadata(version, roots=[key], publisher=publisher, online=ONLINE, expires=expires)
     return sign_keyring(metadata, [key])
 
 

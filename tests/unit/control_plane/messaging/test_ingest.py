@@ -17,9 +17,9 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy import event as sa_event
 from sqlmodel import Session, SQLModel, select
+from support.control_plane import FakePublisher
 
 from edgefleet.control_plane.bundles.store import BundleStore
-from edgefleet.control_plane.db.engine import create_db_engine, create_tables
 from edgefleet.control_plane.db.tables import (
     Assignment,
     Deployment,
@@ -38,26 +38,6 @@ NOW = 1_800_000_000.0
 CHUNK = 1024  # the smallest chunk size the wire allows: several chunks from a small bundle
 MAX_CHUNK = 4096
 MAX_REQUEST = 64 * 1024
-
-
-class FakePublisher:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, bool]] = []
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        self.sent.append((topic, payload, retain))
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    # A SQLite file by default; EDGEFLEET_TEST_DATABASE_URL runs the same tests on another
-    # database (e.g. postgresql+psycopg://...), emptied first.
-    url = os.environ.get("EDGEFLEET_TEST_DATABASE_URL") or f"sqlite:///{tmp_path / 'cp.db'}"
-    engine = create_db_engine(url)
-    SQLModel.metadata.drop_all(engine)
-    create_tables(engine)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 from support.memory_link import MemoryBroker, MemoryLink
+from support.waiting import within
 
 from edgefleet.control_plane.messaging.bridge import CLIENT_ID, ROUTES, BrokerConnection, MqttBridge, Worker, route
 from edgefleet.shared.errors import MessageError
@@ -169,7 +171,11 @@ class Poisoned:
         return [None for _ in messages]
 
 
-def _poison_bridge(broker: MemoryBroker, handlers: Poisoned, *, batches: bool) -> MqttBridge:
+@contextlib.contextmanager
+def _poison_bridge(*, batches: bool) -> Iterator[tuple[MemoryBroker, Poisoned, MqttBridge]]:
+    """A ready bridge on an autodelivering memory broker with :class:`Poisoned` handlers; stopped afterwards."""
+    broker = MemoryBroker(autodeliver=True)
+    handlers = Poisoned()
     bridge = MqttBridge(
         BrokerConnection(host="memory", port=0),
         handlers.handle,
@@ -178,23 +184,18 @@ def _poison_bridge(broker: MemoryBroker, handlers: Poisoned, *, batches: bool) -
     )
     bridge.start()
     assert bridge.wait_ready(WAIT_S)
-    return bridge
+    try:
+        yield broker, handlers, bridge
+    finally:
+        bridge.stop()
 
 
-def _wait(predicate: object) -> bool:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.005)
-    return False
+def _wait(predicate: Callable[[], object]) -> bool:
+    return within(predicate, WAIT_S, poll_s=0.005)
 
 
 def test_a_poison_chunk_request_is_dropped_and_counted_at_once_never_retried() -> None:
-    broker = MemoryBroker(autodeliver=True)
-    handlers = Poisoned()
-    bridge = _poison_bridge(broker, handlers, batches=False)
-    try:
+    with _poison_bridge(batches=False) as (broker, handlers, bridge):
         started = time.monotonic()
         broker.publish(device_topic("d1", Leaf.CHUNK_REQUEST), b"poison")
         broker.publish(device_topic("d1", Leaf.CHUNK_REQUEST), b"request")
@@ -203,15 +204,10 @@ def test_a_poison_chunk_request_is_dropped_and_counted_at_once_never_retried() -
         assert handlers.calls == [[b"poison"], [b"request"]]  # tried once
         assert bridge.messages_poisoned == 1 and bridge.messages_handled == 1
         assert elapsed < 0.15  # no retry pauses before the next answer (they were 0.2 s + 1.0 s)
-    finally:
-        bridge.stop()
 
 
 def test_a_poison_message_in_a_batch_spoils_only_itself() -> None:
-    broker = MemoryBroker(autodeliver=True)
-    handlers = Poisoned()
-    bridge = _poison_bridge(broker, handlers, batches=True)
-    try:
+    with _poison_bridge(batches=True) as (broker, handlers, bridge):
         handlers.release.clear()  # the rest queue up behind the first message and come in one batch
         for i, payload in enumerate([b"first", b"a", b"poison", b"b"]):
             broker.publish(device_topic(f"d{i}", Leaf.STATUS), payload)
@@ -222,21 +218,14 @@ def test_a_poison_message_in_a_batch_spoils_only_itself() -> None:
         assert handlers.calls[-3:] == [[b"a"], [b"poison"], [b"b"]]
         assert handlers.calls.count([b"poison"]) == 1
         assert bridge.messages_handled == 3 and bridge.messages_poisoned == 1
-    finally:
-        bridge.stop()
 
 
 def test_a_server_fault_is_still_tried_again() -> None:
-    broker = MemoryBroker(autodeliver=True)
-    handlers = Poisoned()
-    bridge = _poison_bridge(broker, handlers, batches=False)
-    try:
+    with _poison_bridge(batches=False) as (broker, handlers, bridge):
         broker.publish(device_topic("d1", Leaf.CHUNK_REQUEST), b"flaky")
         assert _wait(lambda: len(_link(broker).acked) == 1)
         assert handlers.calls == [[b"flaky"], [b"flaky"]]
         assert bridge.messages_handled == 1 and bridge.messages_poisoned == 0
-    finally:
-        bridge.stop()
 
 
 def test_reconnect_listeners_run_after_every_lost_connection_not_at_the_first() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from edgefleet.control_plane.db.engine import create_db_engine, create_tables
 from edgefleet.control_plane.db.tables import ApiToken
 from edgefleet.control_plane.services.auth import (
     ADMIN_TOKEN_FILE,
@@ -31,14 +29,6 @@ from edgefleet.shared.errors import MessageError, NotFoundError
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 ORDER = [Role.VIEWER, Role.OPERATOR, Role.PUBLISHER, Role.ADMIN]
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'cp.db'}")
-    create_tables(engine)
-    yield engine
-    engine.dispose()
 
 
 @pytest.mark.parametrize("held", ORDER)

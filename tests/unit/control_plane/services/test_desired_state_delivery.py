@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, update
 from sqlmodel import Session, col
+from support.control_plane import FakePublisher
 
-from edgefleet.control_plane.db.engine import create_db_engine, create_tables
 from edgefleet.control_plane.db.tables import DeploymentStatus, Device, ModelVersion
 from edgefleet.control_plane.services.desired_states import QUEUED_MESSAGE, DesiredStateService
 from edgefleet.shared.trust.signing import SigningKey
@@ -21,18 +20,8 @@ T0 = 1_800_000_000.0
 GRACE_S = 60.0
 
 
-class FakePublisher:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, bool]] = []
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        self.sent.append((topic, payload, retain))
-
-
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'cp.db'}")
-    create_tables(engine)
+def engine(engine: Engine) -> Iterator[Engine]:
     with Session(engine) as session:
         for device_id in ("dev-1", "dev-2", "dev-3"):
             session.add(Device(id=device_id, created_at=datetime.now(UTC)))
@@ -40,7 +29,6 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
                                  bundle_size=1000, manifest_json="{}", created_at=datetime.now(UTC)))
         session.commit()
     yield engine
-    engine.dispose()
 
 
 def _set(engine: Engine, device_id: str, **values: object) -> None:

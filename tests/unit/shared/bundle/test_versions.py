@@ -6,22 +6,11 @@ import json
 from dataclasses import replace
 
 import pytest
+from support.manifests import MANIFEST
 
-from edgefleet.shared.bundle.manifest import FileEntry, Manifest
+from edgefleet.shared.bundle.manifest import Manifest
 from edgefleet.shared.bundle.versions import check_version, is_older
 from edgefleet.shared.errors import DowngradeError, MessageError
-from edgefleet.shared.tensors import TensorSpec
-
-MANIFEST = Manifest(
-    name="det",
-    version="2.0.0",
-    runtime="onnx",
-    model_file="model.onnx",
-    files=(FileEntry(path="model.onnx", sha256="cd" * 32, size=10),),
-    inputs=(TensorSpec(name="x", datatype="FP32", shape=(-1, 4)),),
-    outputs=(TensorSpec(name="y", datatype="FP32", shape=(-1, 2)),),
-    created_at="2026-11-28T00:00:00+00:00",
-)
 
 
 @pytest.mark.parametrize("version", ["1", "1.2.0", "2.0.0rc1", "1.0.0-rc1", "1.0.post2", "3.1.dev4", "1.0+cu121"])

@@ -11,11 +11,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from support.keyrings import keyring_metadata
 
 from edgefleet.agent.config import TrustConfig
 from edgefleet.agent.deployment.trust_store import TrustStore
 from edgefleet.shared.errors import MessageError, SignatureError, TrustError
-from edgefleet.shared.trust.keyring import Keyring, build_keyring, next_version, parse_keyring, sign_keyring
+from edgefleet.shared.trust.keyring import Keyring, next_version, parse_keyring, sign_keyring
 from edgefleet.shared.trust.signing import SigningKey
 from edgefleet.shared.wire.topics import keyring_topic
 
@@ -24,15 +25,7 @@ ROOT, ROOT2, PUB, PUB2, ONLINE, ROGUE = (SigningKey.generate() for _ in range(6)
 
 
 def _v1() -> Keyring:
-    metadata = build_keyring(
-        version=1,
-        root_keys=[ROOT.public_key],
-        root_threshold=1,
-        publisher_keys=[PUB.public_key],
-        publisher_threshold=1,
-        online_keys=[ONLINE.public_key],
-        expires=NOW + timedelta(days=365),
-    )
+    metadata = keyring_metadata(1, roots=[ROOT], publisher=PUB, online=ONLINE, expires=NOW + timedelta(days=365))
     return Keyring.load_trusted(sign_keyring(metadata, [ROOT]))
 
 
@@ -42,15 +35,8 @@ def _next(current: Keyring, signers: list[SigningKey], **roles: object) -> Keyri
 
 def _rogue(version: int, base: Keyring) -> bytes:
     """A well-formed keyring of ``version`` whose roots (and publisher) are the attacker's."""
-    metadata = build_keyring(
-        version=version,
-        root_keys=[ROGUE.public_key],
-        root_threshold=1,
-        publisher_keys=[ROGUE.public_key],
-        publisher_threshold=1,
-        online_keys=[ROGUE.public_key],
-        expires=NOW + timedelta(days=365),
-    )
+    expires = NOW + timedelta(days=365)
+    metadata = keyring_metadata(version, roots=[ROGUE], publisher=ROGUE, online=ROGUE, expires=expires)
     return sign_keyring(metadata, [ROGUE])
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.keyrings import keyring_metadata
 
 from edgefleet.agent.config import TrustConfig
 from edgefleet.agent.deployment.trust_store import TrustStore
@@ -20,14 +21,8 @@ NOW = datetime(2026, 11, 28, tzinfo=UTC)
 
 
 def _v1(root: list[SigningKey], publisher: SigningKey, online: SigningKey, threshold: int = 1) -> Keyring:
-    metadata = build_keyring(
-        version=1,
-        root_keys=[k.public_key for k in root],
-        root_threshold=threshold,
-        publisher_keys=[publisher.public_key],
-        publisher_threshold=1,
-        online_keys=[online.public_key],
-        expires=NOW + timedelta(days=365),
+    metadata = keyring_metadata(
+        1, roots=root, publisher=publisher, online=online, expires=NOW + timedelta(days=365), root_threshold=threshold
     )
     return Keyring.load_trusted(sign_keyring(metadata, root))
 
@@ -45,14 +40,8 @@ def test_v1_roles_map_to_edgefleet_key_ids(keys) -> None:
 
 
 def test_a_keyring_not_signed_by_its_own_root_is_refused(keys) -> None:
-    metadata = build_keyring(
-        version=1,
-        root_keys=[keys["root"].public_key],
-        root_threshold=1,
-        publisher_keys=[keys["pub"].public_key],
-        publisher_threshold=1,
-        online_keys=[keys["online"].public_key],
-        expires=NOW + timedelta(days=1),
+    metadata = keyring_metadata(
+        1, roots=[keys["root"]], publisher=keys["pub"], online=keys["online"], expires=NOW + timedelta(days=1)
     )
     with pytest.raises(SignatureError, match="not signed by its own root"):
         Keyring.load_trusted(sign_keyring(metadata, [keys["pub"]]))
