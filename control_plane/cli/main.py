@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,10 +10,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from edgefleet.control_plane.cli.broker import app as broker_app
 from edgefleet.control_plane.cli.db import app as db_app
+from edgefleet.control_plane.cli.output import ApiUrl, AsJson, fail, print_result, print_rows
 from edgefleet.control_plane.cli.tokens import app as tokens_app
 from edgefleet.control_plane.cli.tokens import audit as audit_command
 from edgefleet.control_plane.client import DEFAULT_API_URL, EdgefleetClient
@@ -37,27 +36,17 @@ app.add_typer(tokens_app, name="tokens")
 app.command("audit")(audit_command)
 console = Console()
 
-ApiUrl = Annotated[str, typer.Option("--api-url", envvar="EDGEFLEET_API_URL", help="Control plane URL.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
 
 def _client(api_url: str) -> EdgefleetClient:
     return EdgefleetClient(api_url)
 
 
 def _fail(exc: EdgefleetError) -> typer.Exit:
-    console.print(f"[red]error:[/red] {exc}")
-    return typer.Exit(1)
+    return fail(console, exc)
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    table = Table(*columns)
-    for row in rows:
-        table.add_row(*(str(row.get(c, "")) for c in columns))
-    console.print(table)
+    print_rows(rows, columns, as_json, console=console)
 
 
 def _env(name: str) -> str:
@@ -96,8 +85,7 @@ def server(
     public_url: Annotated[
         str | None,
         typer.Option(
-            help="URL devices reach this server at; desired states then name HTTP bundle URLs. "
-            f"{_env('PUBLIC_URL')}"
+            help=f"URL devices reach this server at; desired states then name HTTP bundle URLs. {_env('PUBLIC_URL')}"
         ),
     ] = None,
     log_level: Annotated[str, typer.Option()] = "info",
@@ -201,13 +189,15 @@ def models_push(
                 )
     except EdgefleetError as exc:
         raise _fail(exc) from exc
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-    else:
-        console.print(
-            f"published [bold]{result['name']}:{result['version']}[/bold] ({result['runtime']}) "
-            f"bundle {result['bundle_digest'][:19]}… {result['bundle_size']} bytes"
-        )
+    print_result(
+        result,
+        as_json,
+        console=console,
+        summary=lambda r: (
+            f"published [bold]{r['name']}:{r['version']}[/bold] ({r['runtime']}) "
+            f"bundle {r['bundle_digest'][:19]}… {r['bundle_size']} bytes"
+        ),
+    )
 
 
 def _upload_model(
@@ -386,13 +376,15 @@ def keys_rotate(
             )
     except EdgefleetError as exc:
         raise _fail(exc) from exc
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-    else:
-        console.print(
-            f"keyring v{result['version']}: publishers {[k[:12] for k in result['publisher_keys']]}, "
-            f"online {[k[:12] for k in result['online_keys']]}"
-        )
+    print_result(
+        result,
+        as_json,
+        console=console,
+        summary=lambda r: (
+            f"keyring v{r['version']}: publishers {[k[:12] for k in r['publisher_keys']]}, "
+            f"online {[k[:12] for k in r['online_keys']]}"
+        ),
+    )
 
 
 @deployments_app.command("list")

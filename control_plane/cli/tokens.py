@@ -12,32 +12,24 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from edgefleet.control_plane.cli.output import ApiUrl, AsJson, fail, print_rows
 from edgefleet.control_plane.client import DEFAULT_API_URL, EdgefleetClient
 from edgefleet.shared.errors import EdgefleetError
 
 app = typer.Typer(help="API tokens: create (shown once), list, revoke. Needs an admin token.", no_args_is_help=True)
 console = Console(stderr=True)  # messages; stdout carries only what a script reads
 
-ApiUrl = Annotated[str, typer.Option("--api-url", envvar="EDGEFLEET_API_URL", help="Control plane URL.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 ROLES = ("viewer", "operator", "publisher", "admin")
 
 
 def _fail(exc: EdgefleetError) -> typer.Exit:
-    console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
-    return typer.Exit(1)
+    return fail(console, exc, markup=True, highlight=False)
 
 
 def _print(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    table = Table(*columns)
-    for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    Console().print(table)
+    # On stdout, with the JSON; a null (no expiry, not revoked) is a blank cell.
+    print_rows(rows, columns, as_json, console=Console(), cell=lambda value: "" if value is None else str(value))
 
 
 @app.command("create")
