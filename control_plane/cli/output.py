@@ -1,19 +1,21 @@
-"""What every ``edgefleet`` command shares: the ``--api-url`` and ``--json`` options, errors, tables."""
+"""What every ``edgefleet`` command shares: the ``--api-url`` and ``--json`` options, API calls, errors, output."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from edgefleet.control_plane.client import EdgefleetClient
 from edgefleet.shared.errors import EdgefleetError
 
 ApiUrl = Annotated[str, typer.Option("--api-url", envvar="EDGEFLEET_API_URL", help="Control plane URL.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+_Answer = TypeVar("_Answer")
 
 
 def fail(console: Console, exc: EdgefleetError, **print_options: Any) -> typer.Exit:
@@ -48,3 +50,14 @@ def print_result(
         typer.echo(json.dumps(result, indent=2))
     else:
         console.print(summary(result))
+
+
+def ask(
+    api_url: str, question: Callable[[EdgefleetClient], _Answer], on_error: Callable[[EdgefleetError], typer.Exit]
+) -> _Answer:
+    """``question``'s answer from a client of ``api_url`` (closed after); an error raises ``on_error``'s exit."""
+    try:
+        with EdgefleetClient(api_url) as client:
+            return question(client)
+    except EdgefleetError as exc:
+        raise on_error(exc) from exc
