@@ -253,9 +253,8 @@ def _check_inputs(
         raise MessageError(f"description is over {MAX_DESCRIPTION_CHARS} characters")
     if labels is not None and (
         len(labels) > MAX_LABELS
-        or not all(
-            isinstance(k, str) and isinstance(v, str) and len(k) <= 128 and len(v) <= 1024 for k, v in labels.items()
-        )
+        or not all(isinstance(k, str) and isinstance(v, str) and len(k) <= 128 and len(v) <= 1024
+                   for k, v in labels.items())
     ):
         raise MessageError(f"labels must be at most {MAX_LABELS} string pairs (keys <= 128, values <= 1024 chars)")
     return runtime
