@@ -85,7 +85,8 @@ def server(
     public_url: Annotated[
         str | None,
         typer.Option(
-            help=f"URL devices reach this server at; desired states then name HTTP bundle URLs. {_env('PUBLIC_URL')}"
+            help="URL devices reach this server at; desired states then name HTTP bundle URLs. "
+            f"{_env('PUBLIC_URL')}"
         ),
     ] = None,
     log_level: Annotated[str, typer.Option()] = "info",
