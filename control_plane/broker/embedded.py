@@ -49,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -553,6 +553,19 @@ class AmqttBroker(BrokerHandle):
 # --------------------------------------------------------------------------------------------- starters
 
 
+_Handle = TypeVar("_Handle", bound=BrokerHandle)
+
+
+def _started(handle: _Handle, settings: BrokerSettings) -> _Handle:
+    """``handle`` once its broker answers; a broker that fails to start is stopped, not left running."""
+    try:
+        handle._launch(allow_new_port=settings.port == 0)
+    except BaseException:
+        handle.stop()
+        raise
+    return handle
+
+
 def start_mosquitto(
     settings: BrokerSettings, binary: str | None = None, ready_timeout_s: float = 10.0
 ) -> MosquittoBroker:
@@ -566,13 +579,7 @@ def start_mosquitto(
         raise BrokerError("mosquitto is not installed; install mosquitto: apt-get install mosquitto")
     if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
         raise BrokerError(f"mosquitto binary {binary!r} does not exist or is not executable")
-    handle = MosquittoBroker(settings, binary=binary, ready_timeout_s=ready_timeout_s)
-    try:
-        handle._launch(allow_new_port=settings.port == 0)
-    except BaseException:
-        handle.stop()
-        raise
-    return handle
+    return _started(MosquittoBroker(settings, binary=binary, ready_timeout_s=ready_timeout_s), settings)
 
 
 def start_amqtt(settings: BrokerSettings, ready_timeout_s: float = 10.0) -> AmqttBroker:
@@ -592,13 +599,7 @@ def start_amqtt(settings: BrokerSettings, ready_timeout_s: float = 10.0) -> Amqt
         )
     if importlib.util.find_spec("amqtt") is None:
         raise BrokerError("amqtt is not installed; pip install 'edgefleet[server]' or install mosquitto")
-    handle = AmqttBroker(settings, ready_timeout_s=ready_timeout_s)
-    try:
-        handle._launch(allow_new_port=settings.port == 0)
-    except BaseException:
-        handle.stop()
-        raise
-    return handle
+    return _started(AmqttBroker(settings, ready_timeout_s=ready_timeout_s), settings)
 
 
 def start_embedded_broker(settings: BrokerSettings, ready_timeout_s: float = 10.0, kind: str = "auto") -> BrokerHandle:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,10 +10,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from edgefleet.control_plane.cli.broker import app as broker_app
 from edgefleet.control_plane.cli.db import app as db_app
+from edgefleet.control_plane.cli.output import ApiUrl, AsJson, ask, fail, print_result, print_rows
 from edgefleet.control_plane.cli.tokens import app as tokens_app
 from edgefleet.control_plane.cli.tokens import audit as audit_command
 from edgefleet.control_plane.client import DEFAULT_API_URL, EdgefleetClient
@@ -37,27 +36,17 @@ app.add_typer(tokens_app, name="tokens")
 app.command("audit")(audit_command)
 console = Console()
 
-ApiUrl = Annotated[str, typer.Option("--api-url", envvar="EDGEFLEET_API_URL", help="Control plane URL.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
 
 def _client(api_url: str) -> EdgefleetClient:
     return EdgefleetClient(api_url)
 
 
 def _fail(exc: EdgefleetError) -> typer.Exit:
-    console.print(f"[red]error:[/red] {exc}")
-    return typer.Exit(1)
+    return fail(console, exc)
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    table = Table(*columns)
-    for row in rows:
-        table.add_row(*(str(row.get(c, "")) for c in columns))
-    console.print(table)
+    print_rows(rows, columns, as_json, console=console)
 
 
 def _env(name: str) -> str:
@@ -201,13 +190,15 @@ def models_push(
                 )
     except EdgefleetError as exc:
         raise _fail(exc) from exc
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-    else:
-        console.print(
-            f"published [bold]{result['name']}:{result['version']}[/bold] ({result['runtime']}) "
-            f"bundle {result['bundle_digest'][:19]}… {result['bundle_size']} bytes"
-        )
+    print_result(
+        result,
+        as_json,
+        console=console,
+        summary=lambda r: (
+            f"published [bold]{r['name']}:{r['version']}[/bold] ({r['runtime']}) "
+            f"bundle {r['bundle_digest'][:19]}… {r['bundle_size']} bytes"
+        ),
+    )
 
 
 def _upload_model(
@@ -243,11 +234,7 @@ def _upload_model(
 @models_app.command("list")
 def models_list(api_url: ApiUrl = DEFAULT_API_URL, as_json: AsJson = False) -> None:
     """List published model versions."""
-    try:
-        with _client(api_url) as client:
-            rows = client.models()
-    except EdgefleetError as exc:
-        raise _fail(exc) from exc
+    rows = ask(api_url, lambda client: client.models(), _fail)
     _table(rows, ["name", "version", "runtime", "bundle_size", "created_at"], as_json)
 
 
@@ -262,13 +249,14 @@ def deploy(
     as_json: AsJson = False,
 ) -> None:
     """Deploy a published model version to devices."""
-    try:
-        with _client(api_url) as client:
-            rows = client.deploy(name, version, devices=device)
-            if wait:
-                rows = client.wait_for_deployments([r["id"] for r in rows], timeout_s=timeout_s)
-    except EdgefleetError as exc:
-        raise _fail(exc) from exc
+
+    def deploy_and_wait(client: EdgefleetClient) -> list[dict[str, Any]]:
+        rows = client.deploy(name, version, devices=device)
+        if wait:
+            rows = client.wait_for_deployments([r["id"] for r in rows], timeout_s=timeout_s)
+        return rows
+
+    rows = ask(api_url, deploy_and_wait, _fail)
     _table(rows, ["id", "device_id", "model_name", "version", "status", "message"], as_json)
     if wait and any(r["status"] != "succeeded" for r in rows):
         raise typer.Exit(1)
@@ -284,22 +272,14 @@ def shadow(
     as_json: AsJson = False,
 ) -> None:
     """Run a candidate version beside the serving one on sampled inputs; compare, never serve."""
-    try:
-        with _client(api_url) as client:
-            rows = client.shadow(name, version, devices=device, sample_rate=sample_rate)
-    except EdgefleetError as exc:
-        raise _fail(exc) from exc
+    rows = ask(api_url, lambda client: client.shadow(name, version, devices=device, sample_rate=sample_rate), _fail)
     _table(rows, ["device_id", "model_name", "serving_version", "version", "sample_rate", "agreement"], as_json)
 
 
 @devices_app.command("list")
 def devices_list(api_url: ApiUrl = DEFAULT_API_URL, as_json: AsJson = False) -> None:
     """List devices with their online status."""
-    try:
-        with _client(api_url) as client:
-            rows = client.devices()
-    except EdgefleetError as exc:
-        raise _fail(exc) from exc
+    rows = ask(api_url, lambda client: client.devices(), _fail)
     _table(rows, ["id", "online", "applied_sequence", "desired_sequence", "last_seen_at"], as_json)
 
 
@@ -314,11 +294,7 @@ def devices_agent_config(
     """Write an agent config that pins this control plane's keys and points at its broker."""
     from edgefleet.control_plane.devtools.agent_toml import agent_toml
 
-    try:
-        with _client(api_url) as client:
-            info = client.info()
-    except EdgefleetError as exc:
-        raise _fail(exc) from exc
+    info = ask(api_url, lambda client: client.info(), _fail)
     text = agent_toml(
         {
             "device_id": device_id,
@@ -339,11 +315,7 @@ def devices_enroll(
     api_url: ApiUrl = DEFAULT_API_URL,
 ) -> None:
     """Issue a one-time enrollment token for a device."""
-    try:
-        with _client(api_url) as client:
-            token = client.create_enrollment(device_id, ttl_s=ttl_s)
-    except EdgefleetError as exc:
-        raise _fail(exc) from exc
+    token = ask(api_url, lambda client: client.create_enrollment(device_id, ttl_s=ttl_s), _fail)
     console.print(f"token for [bold]{device_id}[/bold] (valid until {token['expires_at']}, usable once):")
     typer.echo(token["token"])
     console.print(
@@ -376,23 +348,25 @@ def keys_rotate(
     as_json: AsJson = False,
 ) -> None:
     """Issue the next keyring version and publish it to every device."""
-    try:
-        with _client(api_url) as client:
-            result = client.rotate_keyring(
-                publisher_keys=publisher_key or None,
-                publisher_threshold=publisher_threshold,
-                rotate_online=rotate_online,
-                rotate_root=rotate_root,
-            )
-    except EdgefleetError as exc:
-        raise _fail(exc) from exc
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-    else:
-        console.print(
-            f"keyring v{result['version']}: publishers {[k[:12] for k in result['publisher_keys']]}, "
-            f"online {[k[:12] for k in result['online_keys']]}"
-        )
+    result = ask(
+        api_url,
+        lambda client: client.rotate_keyring(
+            publisher_keys=publisher_key or None,
+            publisher_threshold=publisher_threshold,
+            rotate_online=rotate_online,
+            rotate_root=rotate_root,
+        ),
+        _fail,
+    )
+    print_result(
+        result,
+        as_json,
+        console=console,
+        summary=lambda r: (
+            f"keyring v{r['version']}: publishers {[k[:12] for k in r['publisher_keys']]}, "
+            f"online {[k[:12] for k in r['online_keys']]}"
+        ),
+    )
 
 
 @deployments_app.command("list")
@@ -403,11 +377,7 @@ def deployments_list(
     as_json: AsJson = False,
 ) -> None:
     """List deployments and their outcomes."""
-    try:
-        with _client(api_url) as client:
-            rows = client.deployments(device=device, model=model)
-    except EdgefleetError as exc:
-        raise _fail(exc) from exc
+    rows = ask(api_url, lambda client: client.deployments(device=device, model=model), _fail)
     _table(rows, ["id", "device_id", "model_name", "version", "status", "updated_at"], as_json)
 
 

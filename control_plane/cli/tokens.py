@@ -12,32 +12,24 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from edgefleet.control_plane.client import DEFAULT_API_URL, EdgefleetClient
+from edgefleet.control_plane.cli.output import ApiUrl, AsJson, ask, fail, print_rows
+from edgefleet.control_plane.client import DEFAULT_API_URL
 from edgefleet.shared.errors import EdgefleetError
 
 app = typer.Typer(help="API tokens: create (shown once), list, revoke. Needs an admin token.", no_args_is_help=True)
 console = Console(stderr=True)  # messages; stdout carries only what a script reads
 
-ApiUrl = Annotated[str, typer.Option("--api-url", envvar="EDGEFLEET_API_URL", help="Control plane URL.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 ROLES = ("viewer", "operator", "publisher", "admin")
 
 
 def _fail(exc: EdgefleetError) -> typer.Exit:
-    console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
-    return typer.Exit(1)
+    return fail(console, exc, markup=True, highlight=False)
 
 
 def _print(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    table = Table(*columns)
-    for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    Console().print(table)
+    # On stdout, with the JSON; a null (no expiry, not revoked) is a blank cell.
+    print_rows(rows, columns, as_json, console=Console(), cell=lambda value: "" if value is None else str(value))
 
 
 @app.command("create")
@@ -54,11 +46,7 @@ def create(
     """Create an API token; it is printed this once (only its hash is kept)."""
     if role not in ROLES:
         raise _fail(EdgefleetError(f"--role must be one of {', '.join(ROLES)}"))
-    try:
-        with EdgefleetClient(api_url) as client:
-            created = client.create_token(name=name, role=role, expires_in_s=expires_in)
-    except EdgefleetError as exc:
-        raise _fail(exc) from exc
+    created = ask(api_url, lambda client: client.create_token(name=name, role=role, expires_in_s=expires_in), _fail)
     if as_json:
         typer.echo(json.dumps(created, indent=2))
         return
@@ -71,11 +59,7 @@ def create(
 @app.command("list")
 def list_(api_url: ApiUrl = DEFAULT_API_URL, as_json: AsJson = False) -> None:
     """List every token (never the tokens themselves), revoked and expired ones too."""
-    try:
-        with EdgefleetClient(api_url) as client:
-            rows = client.tokens()
-    except EdgefleetError as exc:
-        raise _fail(exc) from exc
+    rows = ask(api_url, lambda client: client.tokens(), _fail)
     _print(rows, ["id", "name", "role", "created_at", "expires_at", "revoked_at"], as_json)
 
 
@@ -85,11 +69,7 @@ def revoke(
     api_url: ApiUrl = DEFAULT_API_URL,
 ) -> None:
     """Revoke a token: from now on it gets 401."""
-    try:
-        with EdgefleetClient(api_url) as client:
-            row = client.revoke_token(token_id)
-    except EdgefleetError as exc:
-        raise _fail(exc) from exc
+    row = ask(api_url, lambda client: client.revoke_token(token_id), _fail)
     console.print(f"token {row['id']} ({row['name']}) revoked at {row['revoked_at']}")
 
 
@@ -101,9 +81,5 @@ def audit(
     as_json: AsJson = False,
 ) -> None:
     """Show the audit log, newest first: who asked for which change, when, and how it ended."""
-    try:
-        with EdgefleetClient(api_url) as client:
-            rows = client.audit(token_id=token_id, operation=operation, limit=limit)
-    except EdgefleetError as exc:
-        raise _fail(exc) from exc
+    rows = ask(api_url, lambda client: client.audit(token_id=token_id, operation=operation, limit=limit), _fail)
     _print(rows, ["id", "at", "actor", "operation", "target", "status_code"], as_json)

@@ -155,15 +155,7 @@ def publish_model(
     finally:
         tmp.unlink(missing_ok=True)
 
-    row = ModelVersion(
-        name=name,
-        version=version,
-        runtime=runtime,
-        bundle_digest=digest,
-        bundle_size=size,
-        manifest_json=manifest.encode().decode(),
-        created_at=utcnow(),
-    )
+    row = _model_version(manifest, digest, size)
     session.add(row)
     try:
         session.commit()
@@ -212,15 +204,7 @@ def register_bundle(
     session.rollback()
     size = bundle_path.stat().st_size
     digest = store.put_file(bundle_path)
-    row = ModelVersion(
-        name=manifest.name,
-        version=manifest.version,
-        runtime=manifest.runtime,
-        bundle_digest=digest,
-        bundle_size=size,
-        manifest_json=manifest.encode().decode(),
-        created_at=utcnow(),
-    )
+    row = _model_version(manifest, digest, size)
     session.add(row)
     try:
         session.commit()
@@ -230,6 +214,19 @@ def register_bundle(
     session.refresh(row)
     log.info("registered signed bundle %s %s (%s)", manifest.name, manifest.version, digest)
     return row
+
+
+def _model_version(manifest: Manifest, digest: str, size: int) -> ModelVersion:
+    """The new row of a stored bundle: its manifest's name, version and runtime, and the manifest itself."""
+    return ModelVersion(
+        name=manifest.name,
+        version=manifest.version,
+        runtime=manifest.runtime,
+        bundle_digest=digest,
+        bundle_size=size,
+        manifest_json=manifest.encode().decode(),
+        created_at=utcnow(),
+    )
 
 
 def manifest_of(row: ModelVersion) -> Manifest:
@@ -275,7 +272,6 @@ def _existing(session: Session, name: str, version: str, runtime: str, model_sha
         f"model {name!r} version {version!r} is already published with a different "
         f"{'runtime' if row.runtime != runtime else 'model file'}; publish a new version instead"
     )
-
 
 
 def describe_model(

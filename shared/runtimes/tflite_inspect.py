@@ -72,13 +72,18 @@ class _Buffer:
         length = self._uint(start, 4)
         return start + 4, length
 
-    def int32_vector(self, table: int, field: int, limit: int) -> list[int] | None:
+    def _bounded_vector(self, table: int, field: int, limit: int, kind: str, unit: str) -> tuple[int, int] | None:
+        """:meth:`_vector`, refused when it holds more than ``limit`` elements."""
         found = self._vector(table, field)
+        if found is not None and found[1] > limit:
+            raise ValueError(f"a {kind} of {found[1]} {unit}, over {limit}")
+        return found
+
+    def int32_vector(self, table: int, field: int, limit: int) -> list[int] | None:
+        found = self._bounded_vector(table, field, limit, "vector", "ints")
         if found is None:
             return None
         start, length = found
-        if length > limit:
-            raise ValueError(f"a vector of {length} ints, over {limit}")
         return [self._uint(start + 4 * i, 4, signed=True) for i in range(length)]
 
     def table_vector(self, table: int, field: int) -> tuple[int, int]:
@@ -95,12 +100,10 @@ class _Buffer:
         return self._indirect(start + 4 * index)
 
     def string(self, table: int, field: int, limit: int) -> str | None:
-        found = self._vector(table, field)
+        found = self._bounded_vector(table, field, limit, "string", "bytes")
         if found is None:
             return None
         start, length = found
-        if length > limit:
-            raise ValueError(f"a string of {length} bytes, over {limit}")
         if start + length > self._size:
             raise ValueError(f"a string of {length} bytes at {start} runs past the end")
         return bytes(self._buf[start : start + length]).decode("utf-8")
