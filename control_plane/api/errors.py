@@ -32,7 +32,8 @@ async def edgefleet_error_handler(_request: Request, exc: Exception) -> JSONResp
 async def validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's schema errors in the same ``detail`` shape, with the per-field list added."""
     assert isinstance(exc, RequestValidationError)
-    errors = jsonable_encoder(exc.errors())
+    # Never echo the input back: it can be huge (a 200 MB body) or secret (a token).
+    errors = [{k: v for k, v in e.items() if k != "input"} for e in jsonable_encoder(exc.errors())]
     first = errors[0] if errors else {}
     where = ".".join(str(p) for p in first.get("loc", ()))
     detail = MessageError(f"{where}: {first.get('msg', 'invalid request')}").to_dict()

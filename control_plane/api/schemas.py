@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Path, Query
 from pydantic import BaseModel
 from pydantic import Field as PydanticField
 from sqlmodel import Field, SQLModel
@@ -31,6 +32,10 @@ from edgefleet.control_plane.services.publishing import manifest_of
 
 MAX_ENROLLMENT_TTL_S = 7 * 24 * 3600  # seconds
 MAX_PAGE = 10_000  # rows one list request may return
+# Database integers are 64-bit: a larger id or offset is a 422 here, never an overflow (a 500) below.
+MAX_INT64 = 2**63 - 1
+RowId = Annotated[int, Path(ge=1, le=MAX_INT64)]
+Offset = Annotated[int, Query(ge=0, le=MAX_INT64)]
 MAX_TOKEN_TTL_S = 10 * 365 * 24 * 3600  # seconds: longer is "never", say so
 
 # --- errors and health -----------------------------------------------------------------------

@@ -10,7 +10,14 @@ from edgefleet.control_plane.api.access import require
 from edgefleet.control_plane.api.auditing import audit_target
 from edgefleet.control_plane.api.deps import ControlPlaneDep, SessionDep
 from edgefleet.control_plane.api.errors import error_responses
-from edgefleet.control_plane.api.schemas import MAX_PAGE, DeploymentCreate, DeploymentPublic, deployment_public
+from edgefleet.control_plane.api.schemas import (
+    MAX_PAGE,
+    DeploymentCreate,
+    DeploymentPublic,
+    Offset,
+    RowId,
+    deployment_public,
+)
 from edgefleet.control_plane.db.tables import DeploymentStatus
 from edgefleet.control_plane.services import deployments
 from edgefleet.control_plane.services.auth import Role
@@ -41,7 +48,7 @@ def list_deployments(
     model: str | None = None,
     status_: Annotated[DeploymentStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1000,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> list[DeploymentPublic]:
     """Deployments, newest first, optionally of one device, model or status."""
     rows = deployments.list_deployments(
@@ -56,6 +63,6 @@ def list_deployments(
     response_model=DeploymentPublic,
     responses=error_responses(404),
 )
-def get_deployment(deployment_id: int, session: SessionDep) -> DeploymentPublic:
+def get_deployment(deployment_id: RowId, session: SessionDep) -> DeploymentPublic:
     """One deployment."""
     return deployment_public(deployments.get_deployment(session, deployment_id))

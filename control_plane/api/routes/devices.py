@@ -10,7 +10,7 @@ from edgefleet.control_plane.api.access import require
 from edgefleet.control_plane.api.auditing import audit_target
 from edgefleet.control_plane.api.deps import ControlPlaneDep, SessionDep
 from edgefleet.control_plane.api.errors import error_responses
-from edgefleet.control_plane.api.schemas import MAX_PAGE, DeviceCreate, DevicePublic, device_public
+from edgefleet.control_plane.api.schemas import MAX_PAGE, DeviceCreate, DevicePublic, Offset, device_public
 from edgefleet.control_plane.db.tables import utcnow
 from edgefleet.control_plane.services import devices
 from edgefleet.control_plane.services.auth import Role
@@ -23,7 +23,7 @@ router = APIRouter(prefix="/api/v1", tags=["devices"])
 def list_devices(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1000,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> list[DevicePublic]:
     """Known devices, by id."""
     return [device_public(d.device, d.assignments) for d in devices.list_devices(session, limit=limit, offset=offset)]

@@ -10,7 +10,7 @@ from edgefleet.control_plane.api.access import require
 from edgefleet.control_plane.api.auditing import audit_target
 from edgefleet.control_plane.api.deps import ControlPlaneDep, SessionDep
 from edgefleet.control_plane.api.errors import error_responses
-from edgefleet.control_plane.api.schemas import KeyringRotation, KeyringSummary
+from edgefleet.control_plane.api.schemas import KeyringRotation, KeyringSummary, RowId
 from edgefleet.control_plane.services.auth import Role
 from edgefleet.control_plane.services.keyring import KeyringChange, rotate_keyring
 from edgefleet.shared.errors import NotFoundError
@@ -33,7 +33,7 @@ def current_keyring(cp: ControlPlaneDep) -> Response:
     response_class=Response,
     responses={**_SIGNED_JSON, **error_responses(404)},
 )
-def keyring_version(version: int, cp: ControlPlaneDep) -> Response:
+def keyring_version(version: RowId, cp: ControlPlaneDep) -> Response:
     """One keyring version, signed."""
     try:
         return Response(cp.keyring.raw(version), media_type="application/json")

@@ -10,7 +10,7 @@ from edgefleet.control_plane.api.access import require
 from edgefleet.control_plane.api.auditing import audit_target
 from edgefleet.control_plane.api.deps import ControlPlaneDep, SessionDep
 from edgefleet.control_plane.api.errors import error_responses
-from edgefleet.control_plane.api.schemas import MAX_PAGE, ShadowCreate, ShadowPublic, device_shadows_public
+from edgefleet.control_plane.api.schemas import MAX_PAGE, Offset, ShadowCreate, ShadowPublic, device_shadows_public
 from edgefleet.control_plane.services.auth import Role
 from edgefleet.control_plane.services.shadows import DeviceShadows, devices_with_shadows, find_shadows
 from edgefleet.shared.errors import NotFoundError
@@ -45,7 +45,7 @@ def list_shadows(
     model: str | None = None,
     device: str | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Devices per page.")] = 1000,
-    offset: Annotated[int, Query(ge=0, description="Devices to skip.")] = 0,
+    offset: Offset = 0,
 ) -> list[ShadowPublic]:
     """Shadows asked for or still reported, per device and model, with each device's latest report.
 

@@ -8,7 +8,7 @@ from edgefleet.control_plane.api.access import require
 from edgefleet.control_plane.api.auditing import audit_target
 from edgefleet.control_plane.api.deps import SessionDep
 from edgefleet.control_plane.api.errors import error_responses
-from edgefleet.control_plane.api.schemas import TokenCreate, TokenCreated, TokenPublic, token_public
+from edgefleet.control_plane.api.schemas import RowId, TokenCreate, TokenCreated, TokenPublic, token_public
 from edgefleet.control_plane.db.tables import utcnow
 from edgefleet.control_plane.services import auth
 from edgefleet.control_plane.services.auth import Role
@@ -42,6 +42,6 @@ def list_tokens(session: SessionDep) -> list[TokenPublic]:
     response_model=TokenPublic,
     responses=error_responses(404),
 )
-def revoke_token(token_id: int, session: SessionDep) -> TokenPublic:
+def revoke_token(token_id: RowId, session: SessionDep) -> TokenPublic:
     """Revoke a token: from now on it is answered like an unknown one (401)."""
     return token_public(auth.revoke_token(session, token_id, now=utcnow()))

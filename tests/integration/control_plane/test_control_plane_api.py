@@ -610,3 +610,28 @@ def test_without_a_broker_host_the_app_starts_and_stops_its_own(tmp_path: Path) 
     assert not thread.is_alive()
     with pytest.raises(OSError):
         socket.create_connection((host, port), timeout=1).close()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/deployments/9223372036854775808",
+        "/api/v1/deployments?offset=9223372036854775808",
+        "/api/v1/devices?offset=9223372036854775808",
+        "/api/v1/shadows?offset=9223372036854775808",
+        "/api/v1/audit?token_id=9223372036854775808",
+        "/api/v1/trust/keyring/9223372036854775808",
+    ],
+)
+def test_integers_past_64_bits_are_a_422_not_a_server_error(api: httpx.Client, path: str) -> None:
+    response = api.get(path)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"]["code"] == "request_invalid"
+
+
+def test_a_422_never_echoes_the_input_back(api: httpx.Client) -> None:
+    secret = "s3cret-" + "x" * 5000
+    response = api.post("/api/v1/devices", json={"id": secret})
+    assert response.status_code == 422, response.text
+    assert "s3cret" not in response.text
+    assert len(response.content) < 2000
