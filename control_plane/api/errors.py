@@ -1,7 +1,7 @@
 """How errors become HTTP answers: ``{"detail": {"code", "message", "retryable"}}``.
 
 400 bad input, 404 not found, 409 conflict, 413 too large, 422 a body that fails its schema
-(the status of each error class is :func:`edgefleet.control_plane.errors.http_status`).
+(the status is each error class's own ``http_status``: :mod:`edgefleet.shared.errors` holds the one map).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from edgefleet.control_plane.api.schemas import ErrorResponse
-from edgefleet.control_plane.errors import http_status
 from edgefleet.shared.errors import EdgefleetError, MessageError
 
 
@@ -26,7 +25,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 async def edgefleet_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     """Any :class:`EdgefleetError` as its HTTP status and ``{"detail": exc.to_dict()}``."""
     assert isinstance(exc, EdgefleetError)
-    return JSONResponse(status_code=http_status(exc), content={"detail": exc.to_dict()})
+    return JSONResponse(status_code=exc.http_status, content={"detail": exc.to_dict()})
 
 
 async def validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:

@@ -18,8 +18,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from edgefleet.control_plane.errors import TooLargeError
-from edgefleet.shared.errors import MessageError
+from edgefleet.shared.errors import MessageError, TooLargeError
 
 FILE_FIELD = "file"
 

@@ -52,10 +52,9 @@ from edgefleet.control_plane.db.tables import (
     assigned_version,
     shadow_version,
 )
-from edgefleet.control_plane.errors import ConflictError
 from edgefleet.control_plane.messaging.publisher import MessagePublisher
 from edgefleet.control_plane.services.publishing import manifest_of
-from edgefleet.shared.errors import IncompatibleBundleError, MessageError, NotFoundError
+from edgefleet.shared.errors import ConflictError, IncompatibleBundleError, MessageError, NotFoundError
 from edgefleet.shared.trust.signing import SigningKey
 from edgefleet.shared.wire.messages import MAX_MODELS, DesiredState, ModelDirective, ShadowDirective
 from edgefleet.shared.wire.topics import Leaf, device_topic

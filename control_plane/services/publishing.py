@@ -27,14 +27,13 @@ from sqlmodel import Session, select
 
 from edgefleet.control_plane.bundles.store import BundleStore
 from edgefleet.control_plane.db.tables import ModelVersion, utcnow
-from edgefleet.control_plane.errors import ConflictError
 from edgefleet.control_plane.services.health_inputs import check_health_inputs
 from edgefleet.control_plane.services.keys import ControlPlaneKeys
 from edgefleet.control_plane.services.model_check import DEFAULT_LIMITS, CheckLimits, check_model
 from edgefleet.shared.bundle.format import build_bundle, make_manifest, sha256_file, verify_bundle
 from edgefleet.shared.bundle.manifest import MODEL_EXTENSIONS, RUNTIMES, Manifest
 from edgefleet.shared.bundle.versions import check_version
-from edgefleet.shared.errors import MessageError, TrustError
+from edgefleet.shared.errors import ConflictError, MessageError, TrustError
 from edgefleet.shared.wire.strict import NAME_RE
 
 log = logging.getLogger(__name__)

@@ -13,11 +13,10 @@ from sqlmodel import Session, select
 from edgefleet.control_plane.bundles.store import BundleStore
 from edgefleet.control_plane.db.tables import ModelVersion
 from edgefleet.control_plane.devtools.demo_models import MLPWeights, build_onnx_mlp, build_tflite_mlp, make_mlp_weights
-from edgefleet.control_plane.errors import ConflictError
 from edgefleet.control_plane.services.keys import ControlPlaneKeys
 from edgefleet.control_plane.services.publishing import infer_runtime, publish_model
 from edgefleet.shared.bundle.format import sha256_file, verify_bundle
-from edgefleet.shared.errors import MessageError, RuntimeLoadError
+from edgefleet.shared.errors import ConflictError, MessageError, RuntimeLoadError
 
 
 def _write(tmp_path: Path, name: str, data: bytes) -> Path:
